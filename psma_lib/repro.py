@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import random
+import sys
 
 import numpy as np
 
@@ -19,7 +20,8 @@ _PACKAGES = (
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) and ask torch for deterministic kernels on CPU."""
     random.seed(seed)
-    np.random.seed(seed % (2**32))
+    # Third-party code may still draw from NumPy's legacy global generator.
+    np.random.seed(seed % (2**32))  # noqa: NPY002
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
     try:
         import torch
@@ -38,13 +40,12 @@ def versions() -> dict[str, str]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             out[name] = "not installed"
-    try:
-        import torch
-
+    # Only describe the device when torch is already loaded: importing it costs seconds and
+    # hundreds of MiB, which data-only stages (generate, crop) should not pay.
+    torch = sys.modules.get("torch")
+    if torch is not None:
         out["torch_cuda"] = str(torch.version.cuda)
         out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover
-        pass
     return out
 
 
