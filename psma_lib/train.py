@@ -1,0 +1,429 @@
+"""Training loop of the survival models: lesion-level Cox training, batched on-device augmentation,
+inner-validation model selection, and a fast GPU path.
+
+Training units:
+
+* ``imaging`` / ``multimodal`` with ``mean`` or ``max`` aggregation: **lesions**, each inheriting its
+  patient's ``pfs_months`` / ``event``; the Cox loss runs over a batch of lesions (Efron ties handle
+  the identical times of one patient's lesions).
+* ``clinical``: **patients** (a patient's lesions would only repeat the same clinical row).
+* ``attention`` aggregation: **patients** as bags of all their lesions; the Cox loss is at patient
+  level on the attention-pooled log-hazard.
+
+CPU: deterministic (``torch.use_deterministic_algorithms(True)``, seeded generators for shuffling,
+augmentation and dropout), so the same seed gives bit-identical results. GPU: the data lives on the
+device, augmentation runs batched there, bf16 autocast, cudnn autotuning, and the whole train step
+(forward, Cox loss, backward, capturable AdamW) is captured once in a CUDA graph and replayed
+(falls back to eager with a warning if capture fails); ``compile=True`` uses ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .cox import neg_partial_log_likelihood
+from .models import SurvivalModel
+
+
+def concordance_index(time, risk, event) -> float:
+    """Harrell's C-index where higher ``risk`` means shorter time (patient-level everywhere here)."""
+    try:
+        from .evaluation import concordance_index as evaluation_c_index
+    except ImportError:
+        from lifelines.utils import concordance_index as lifelines_c_index
+
+        return float(lifelines_c_index(np.asarray(time), -np.asarray(risk), np.asarray(event)))
+    return float(evaluation_c_index(np.asarray(time), np.asarray(risk), np.asarray(event)))
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class SurvivalData:
+    """One set of patients with their lesion inputs, as tensors (moved to the device once).
+
+    ``time`` / ``event`` / ``clinical`` are per patient ``[P]``, ``[P]``, ``[P, F]``;
+    ``images`` per lesion ``[L, 2, H, W]`` (2D axial), ``[L, 3, 2, S, S]`` (orthogonal) or
+    ``[L, 2, D, H, W]`` (3D) in physical units; ``lesion_patient`` ``[L]`` int64 row in ``0..P-1``.
+    """
+
+    time: torch.Tensor
+    event: torch.Tensor
+    clinical: torch.Tensor | None = None
+    images: torch.Tensor | None = None
+    lesion_patient: torch.Tensor | None = None
+
+    @property
+    def n_patients(self) -> int:
+        return int(self.time.shape[0])
+
+    def to(self, device: torch.device) -> SurvivalData:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return SurvivalData(move(self.time), move(self.event), move(self.clinical),
+                            move(self.images), move(self.lesion_patient))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (see :func:`fit`)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    aggregation: str = "mean"
+    patience: int = 10
+    augment: bool = True
+    bf16: bool = True            # GPU only; CPU stays float32 (deterministic, and not faster there)
+    cuda_graph: bool = True      # GPU only
+    compile: bool = False
+    channels_last: bool | None = None  # 2D NHWC; None = on for GPU, off for CPU (measured slower there)
+    progress: bool = True
+
+
+@dataclass
+class FitResult:
+    state_dict: dict[str, torch.Tensor]
+    history: pd.DataFrame
+    best_epoch: int
+    notes: list[str] = field(default_factory=list)
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator, *, max_rotation_deg: float = 10.0,
+                  max_shift: float = 0.08, pet_log_scale_sd: float = 0.1, ct_shift_sd_hu: float = 20.0) -> torch.Tensor:
+    """Random flips, small rotations and shifts and intensity jitter for a whole batch at once.
+
+    ``x``: ``[B, 2, H, W]``, ``[B, V, 2, S, S]`` or ``[B, 2, D, H, W]`` in SUV / HU. One affine
+    resampling (``grid_sample``, border padding) does flips (per axis, p = 0.5), rotation (in the
+    axial H-W plane, uniform +-``max_rotation_deg``) and shift (+-``max_shift`` of the field of
+    view); PET is scaled by ``exp(N(0, 0.1))`` (calibration), CT shifted by ``N(0, 20)`` HU. All
+    random numbers come from ``generator`` on ``x``'s device: no per-sample Python loop.
+    """
+    b, device = x.shape[0], x.device
+    rand = lambda *s: torch.rand(*s, generator=generator, device=device)  # noqa: E731
+    randn = lambda *s: torch.randn(*s, generator=generator, device=device)  # noqa: E731
+    is_views = x.ndim == 5 and x.shape[2] == 2
+    is_3d = x.ndim == 5 and not is_views
+    # intensity: channel axis is 1 (or 2 for views)
+    shape = [b] + [1] * (x.ndim - 1)
+    pet_scale = torch.exp(pet_log_scale_sd * randn(b)).view(shape)
+    ct_shift = (ct_shift_sd_hu * randn(b)).view(shape)
+    if is_views:
+        x = torch.stack([x[:, :, 0] * pet_scale.squeeze(-1), x[:, :, 1] + ct_shift.squeeze(-1)], dim=2)
+    else:
+        x = torch.stack([x[:, 0] * pet_scale.squeeze(-1), x[:, 1] + ct_shift.squeeze(-1)], dim=1)
+    n_axes = 3 if is_3d else 2
+    flips = torch.where(rand(b, n_axes) < 0.5, -1.0, 1.0)
+    angle = (2 * rand(b) - 1) * math.radians(max_rotation_deg)
+    shift = (2 * rand(b, n_axes) - 1) * 2 * max_shift  # grid units span 2 per field of view
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.zeros(b, n_axes, n_axes + 1, device=device)
+    # grid coordinates are (W, H[, D]); rotate in the (W, H) plane
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+    if is_3d:
+        theta[:, 2, 2] = 1.0
+    theta[:, :, :n_axes] *= flips.unsqueeze(1)
+    theta[:, :, n_axes] = shift
+    flat = x.flatten(1, 2) if is_views else x
+    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view_as(x)
+
+
+class _Batches:
+    """Index batches for one epoch: lesions (lesion units) or patients with their lesion bags."""
+
+    def __init__(self, data: SurvivalData, unit: str, device: torch.device):
+        self.data, self.unit = data, unit
+        if unit == "bag":
+            lp = data.lesion_patient
+            self.order = torch.argsort(lp, stable=True)
+            self.counts = torch.bincount(lp, minlength=data.n_patients)
+            self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.n_units = data.images.shape[0] if unit == "lesion" else data.n_patients
+
+    def bag_lesions(self, patients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lesion rows and their bag index (0..len(patients)-1) for the given patients."""
+        lens = self.counts[patients]
+        starts = self.offsets[patients]
+        bag = torch.repeat_interleave(torch.arange(len(patients), device=lens.device), lens)
+        first = torch.cumsum(lens, 0) - lens
+        pos = torch.arange(int(lens.sum()), device=lens.device) - first[bag] + starts[bag]
+        return self.order[pos], bag
+
+    def inputs(self, idx: torch.Tensor):
+        """(images, clinical, time, event, bags) for unit rows ``idx``; ``bags`` only for bag units."""
+        d = self.data
+        if self.unit == "patient":
+            return None, d.clinical[idx], d.time[idx], d.event[idx], None
+        if self.unit == "lesion":
+            pid = d.lesion_patient[idx]
+            clinical = None if d.clinical is None else d.clinical[pid]
+            return d.images[idx], clinical, d.time[pid], d.event[pid], None
+        rows, bag = self.bag_lesions(idx)
+        clinical = None if d.clinical is None else d.clinical[idx]
+        return d.images[rows], clinical, d.time[idx], d.event[idx], (bag, len(idx))
+
+
+def _unit(model: SurvivalModel) -> str:
+    if model.encoder is None:
+        return "patient"
+    return "bag" if model.attention else "lesion"
+
+
+def _forward(model: SurvivalModel, images, clinical, bags):
+    if bags is not None:
+        return model.forward_bags(images, bags[0], bags[1], clinical)
+    if model.modality == "clinical":
+        return model(None, clinical)
+    return model(images, None if model.modality == "imaging" else clinical)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    # no weight-cast cache: it is not allowed across CUDA graph capture and saves little here
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+
+
+@torch.no_grad()
+def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "mean", batch_size: int = 256,
+            bf16: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Patient risks ``[P]`` and lesion log-hazards ``[L]`` (None without images), float64.
+
+    Mean/max models score each lesion and aggregate; attention models pool each patient's bag and
+    score every lesion also as a bag of one (its own log-hazard, for the lesion table). The
+    clinical model scores patients only.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    unit = _unit(model)
+    batches = _Batches(data, unit, device)
+    use_bf16 = bf16 and device.type == "cuda"
+
+    def run(n, fn):
+        out = [fn(torch.arange(i, min(i + batch_size, n), device=device)) for i in range(0, n, batch_size)]
+        return torch.cat(out).double().cpu().numpy()
+
+    with _autocast(device, use_bf16):
+        if unit == "patient":
+            return run(data.n_patients, lambda idx: model(None, data.clinical[idx]).float()), None
+        lesion_batches = _Batches(data, "lesion", device)
+
+        def lesion_fn(idx):
+            images, clinical, _, _, _ = lesion_batches.inputs(idx)
+            if unit == "bag":
+                bags = (torch.arange(len(idx), device=device), len(idx))
+                return _forward(model, images, clinical, bags).float()
+            return _forward(model, images, clinical, None).float()
+
+        lesion = run(data.images.shape[0], lesion_fn)
+        if unit == "bag":
+            def bag_fn(idx):
+                images, clinical, _, _, bags = batches.inputs(idx)
+                return _forward(model, images, clinical, bags).float()
+            patient = run(data.n_patients, bag_fn)
+        else:
+            frame = pd.DataFrame({"p": data.lesion_patient.cpu().numpy(), "h": lesion})
+            patient = frame.groupby("p")["h"].agg(aggregation).reindex(range(data.n_patients)).to_numpy()
+    return patient, lesion
+
+
+def _evaluate(model, data: SurvivalData, aggregation: str, bf16: bool) -> tuple[float, float]:
+    """Patient-level (Cox loss, C-index) of ``data``."""
+    risk, _ = predict(model, data, aggregation, bf16=bf16)
+    time, event = data.time.double().cpu(), data.event.cpu()
+    loss = float(neg_partial_log_likelihood(torch.from_numpy(risk), time, event))
+    c_index = concordance_index(time.numpy(), risk, event.numpy()) if int(event.sum()) > 0 else float("nan")
+    return loss, c_index
+
+
+class _GraphedStep:
+    """The whole train step captured in a CUDA graph with static input buffers."""
+
+    def __init__(self, model, optimizer, example, bf16: bool):
+        self.model, self.optimizer = model, optimizer
+        images, clinical, time, event = example
+        self.static = [None if t is None else t.clone() for t in (images, clinical, time, event)]
+        model.train()  # the captured graph replays training-mode BatchNorm and dropout
+        params = [p.detach().clone() for p in model.parameters()]
+        buffers = [b.detach().clone() for b in model.buffers()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up on a side stream, as CUDA graph capture requires
+                optimizer.zero_grad(set_to_none=True)
+                self._loss(bf16).backward()
+                optimizer.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.loss = self._loss(bf16)
+            self.loss.backward()
+            optimizer.step()
+        # undo the warm-up/capture updates in place, so replay starts from the initial state
+        with torch.no_grad():
+            for p, p0 in zip(model.parameters(), params, strict=True):
+                p.copy_(p0)
+            for b, b0 in zip(model.buffers(), buffers, strict=True):
+                b.copy_(b0)
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value):
+                        value.zero_()
+
+    def _loss(self, bf16):
+        images, clinical, time, event = self.static
+        with _autocast(images.device if images is not None else clinical.device, bf16):
+            log_hazard = _forward(self.model, images, clinical, None)
+        return neg_partial_log_likelihood(log_hazard.float(), time, event)
+
+    def __call__(self, images, clinical, time, event) -> torch.Tensor:
+        for buf, value in zip(self.static, (images, clinical, time, event), strict=True):
+            if buf is not None:
+                buf.copy_(value)
+        self.graph.replay()
+        return self.loss.clone()  # the static output is overwritten by the next replay
+
+
+def make_optimizer(model, lr: float, weight_decay: float, device: torch.device, capturable: bool):
+    """AdamW without weight decay on norms and biases; capturable (tensor lr) for CUDA graphs."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if capturable:
+        return torch.optim.AdamW(groups, lr=torch.tensor(lr, device=device), capturable=True)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _set_lr(optimizer, lr: float):
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+class Trainer:
+    """One model's optimisation: ``step()`` on batches from the epoch permutation.
+
+    Exposed separately from :func:`fit` so the throughput benchmark times exactly the same step.
+    """
+
+    def __init__(self, model: SurvivalModel, train: SurvivalData, config: TrainConfig, seed: int):
+        self.device = next(model.parameters()).device
+        self.model, self.config, self.train = model, config, train
+        self.is_cuda = self.device.type == "cuda"
+        self.bf16 = config.bf16 and self.is_cuda
+        self.unit = _unit(model)
+        self.batches = _Batches(train, self.unit, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.cpu_generator = torch.Generator().manual_seed(seed + 1)
+        channels_last = self.is_cuda if config.channels_last is None else config.channels_last
+        if channels_last and model.encoder is not None and not model.encoder.is_3d:
+            model.encoder.channels_last = True
+            model.to(memory_format=torch.channels_last)
+        if self.is_cuda:
+            torch.backends.cudnn.benchmark = True
+        want_graph = self.is_cuda and config.cuda_graph and self.unit != "bag" and not config.compile
+        self.optimizer = make_optimizer(model, config.lr, config.weight_decay, self.device, want_graph)
+        self.batch_size = min(config.batch_size, self.batches.n_units)
+        self.graphed: _GraphedStep | None = None
+        self.notes: list[str] = []
+        self.step_fn = torch.compile(self._eager_loss) if config.compile else self._eager_loss
+        if want_graph:
+            initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            try:
+                example = self._batch(torch.arange(self.batch_size, device=self.device))[:4]
+                self.graphed = _GraphedStep(model, self.optimizer, example, self.bf16)
+            except Exception as exc:  # capture is fragile across versions/ops: eager still works
+                msg = f"CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly"
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                self.notes.append(msg)
+                model.load_state_dict(initial)  # undo any warm-up steps taken before the failure
+                self.optimizer = make_optimizer(model, config.lr, config.weight_decay, self.device, False)
+
+    def _batch(self, idx):
+        images, clinical, time, event, bags = self.batches.inputs(idx)
+        if images is not None and self.config.augment:
+            images = augment_batch(images, self.generator)
+        return images, clinical, time, event, bags
+
+    def _eager_loss(self, images, clinical, time, event, bags):
+        with _autocast(self.device, self.bf16):
+            log_hazard = _forward(self.model, images, clinical, bags)
+        return neg_partial_log_likelihood(log_hazard.float(), time, event)
+
+    def epoch_batches(self) -> list[torch.Tensor]:
+        """Index batches of one epoch: a seeded permutation cut into full batches (static shapes for
+        CUDA graphs); the last batch is topped up from the start of the permutation, so every unit
+        is seen at least once per epoch."""
+        n = self.batches.n_units
+        perm = torch.randperm(n, generator=self.cpu_generator)
+        n_batches = math.ceil(n / self.batch_size)
+        perm = torch.cat([perm, perm[:n_batches * self.batch_size - n]]).to(self.device)
+        return [perm[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n_batches)]
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        """One optimisation step on unit rows ``idx``; returns the loss tensor (no host sync)."""
+        self.model.train()
+        images, clinical, time, event, bags = self._batch(idx)
+        if self.graphed is not None:
+            return self.graphed(images, clinical, time, event)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.step_fn(images, clinical, time, event, bags)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def set_epoch_lr(self, epoch: int) -> None:
+        """Cosine decay from ``lr`` to 5 % of it over the epochs."""
+        frac = epoch / max(1, self.config.epochs - 1)
+        _set_lr(self.optimizer, self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))))
+
+
+def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData, config: TrainConfig, seed: int,
+        desc: str = "train") -> FitResult:
+    """Train ``model`` (already on its device) and keep the epoch with the best inner-validation
+    patient-level C-index (ties: lower validation loss); stop after ``patience`` epochs without
+    improvement. Returns the best weights (CPU copy) and a per-epoch history
+    ``epoch, train_loss, val_loss, val_c_index``.
+    """
+    device = next(model.parameters()).device
+    torch.manual_seed(seed)  # dropout on CPU uses the global generator
+    if device.type == "cuda":
+        torch.cuda.manual_seed(seed)
+    trainer = Trainer(model, train.to(device), config, seed)
+    val = val.to(device)
+    best_key, best_epoch, best_state, rows, since_best = None, -1, None, [], 0
+    bar = tqdm(range(config.epochs), desc=desc, disable=not config.progress, leave=False)
+    for epoch in bar:
+        trainer.set_epoch_lr(epoch)
+        losses = [trainer.step(idx) for idx in trainer.epoch_batches()]
+        train_loss = float(torch.stack(losses).mean())
+        val_loss, val_c = _evaluate(model, val, config.aggregation, trainer.bf16)
+        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_c_index": val_c})
+        key = (np.nan_to_num(val_c, nan=0.5), -val_loss)
+        if best_key is None or key > best_key:
+            best_key, best_epoch, since_best = key, epoch, 0
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+        bar.set_postfix(loss=f"{train_loss:.3f}", val_c=f"{val_c:.3f}")
+        if since_best >= config.patience:
+            break
+    model.load_state_dict(best_state)
+    return FitResult(copy.deepcopy(best_state), pd.DataFrame(rows), best_epoch, trainer.notes)

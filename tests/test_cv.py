@@ -1,0 +1,296 @@
+"""Cross-validation: patient-grouped folds, leakage, determinism, resume, outputs, control cohorts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lifelines import CoxPHFitter
+from safetensors.torch import load_file
+
+from psma_lib.crop import load_crops
+from psma_lib.cv import CVConfig, check_folds, load_checkpoint, make_folds, run_cv
+from psma_lib.errors import InputError
+from psma_lib.models import SurvivalModel
+from psma_lib.train import SurvivalData, predict
+
+TINY = dict(epochs=2, folds=3, batch_size=16, seed=5, progress=False, device="cpu", num_threads=1)
+
+
+def _read(out, name):
+    return pd.read_csv(out / name, dtype={"patient_id": str, "lesion_id": str})
+
+
+def test_folds_group_patients_and_stratify_by_event():
+    rng = np.random.default_rng(0)
+    patients = pd.DataFrame({"patient_id": [f"P{i}" for i in range(50)], "event": rng.integers(0, 2, 50)})
+    folds = make_folds(patients, 5, seed=1)
+    assert sorted(folds["patient_id"]) == sorted(patients["patient_id"])
+    assert folds["patient_id"].is_unique
+    per_fold = folds.merge(patients).groupby("fold")["event"].agg(["size", "sum"])
+    assert per_fold["size"].tolist() == [10] * 5
+    assert per_fold["sum"].max() - per_fold["sum"].min() <= 1  # stratified on event
+    with pytest.raises(AssertionError, match="more than one fold"):
+        check_folds(pd.concat([folds, folds.iloc[:1].assign(fold=4)]), lesions=None)
+    split_lesions = pd.DataFrame({"patient_id": ["P0", "P0"]})
+    check_folds(folds, split_lesions)  # both lesions follow their patient
+    with pytest.raises(InputError, match="too few"):
+        make_folds(patients.iloc[:6], 5, seed=1)
+
+
+@pytest.fixture(scope="module")
+def imaging_run(tiny_crops, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv") / "imaging"
+    return run_cv(tiny_crops, out, CVConfig(modality="imaging", **TINY))
+
+
+def test_outputs_follow_the_contract(imaging_run, tiny_crops):
+    out = imaging_run.out_dir
+    crops = load_crops(tiny_crops)
+    oof, folds = _read(out, "oof_predictions.csv"), _read(out, "folds.csv")
+    assert list(oof.columns) == ["patient_id", "fold", "risk", "pfs_months", "event"]
+    assert sorted(oof["patient_id"]) == sorted(crops.patients["patient_id"])  # every patient once
+    assert oof.merge(folds, on="patient_id", suffixes=("", "_f")).eval("fold == fold_f").all()
+    lesion = _read(out, "oof_lesion_predictions.csv")
+    assert list(lesion.columns) == ["patient_id", "lesion_id", "fold", "log_hazard"]
+    assert sorted(lesion["lesion_id"]) == sorted(crops.lesions["lesion_id"])
+    # mean aggregation: the patient risk is the mean of its lesions' log-hazards
+    mean = lesion.groupby("patient_id")["log_hazard"].mean()
+    assert np.allclose(oof.set_index("patient_id")["risk"], mean.loc[oof["patient_id"]].to_numpy())
+    train = _read(out, "train_predictions.csv")
+    for k in range(3):
+        test_ids = set(folds.loc[folds["fold"] == k, "patient_id"])
+        train_ids = set(train.loc[train["fold"] == k, "patient_id"])
+        assert train_ids == set(folds["patient_id"]) - test_ids  # training patients only
+    results = _read(out, "fold_results.csv")
+    assert list(results.columns[:7]) == ["fold", "n_train_patients", "n_val_patients", "n_test_patients",
+                                         "n_test_events", "c_index", "c_index_lesion"]
+    from lifelines.utils import concordance_index
+
+    fold0 = oof[oof["fold"] == 0]
+    expected = concordance_index(fold0["pfs_months"], -fold0["risk"], fold0["event"])
+    assert results.loc[0, "c_index"] == pytest.approx(expected)
+    history = _read(out, "history.csv")
+    assert set(history.columns) == {"fold", "epoch", "train_loss", "val_loss", "val_c_index"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["data_checksum"] == crops.meta["data_checksum"]
+    assert config["config"]["modality"] == "imaging" and "versions" in config["provenance"]
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["c_index_pooled_oof"] == pytest.approx(
+        concordance_index(oof["pfs_months"], -oof["risk"], oof["event"]))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"fold{k}.safetensors" for k in range(3)]
+
+
+def test_cpu_determinism_and_resume_after_kill(imaging_run, tiny_crops, tmp_path):
+    reference = _read(imaging_run.out_dir, "oof_predictions.csv")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_fold_1(k):
+        if k == 1:
+            raise Killed
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        run_cv(tiny_crops, out, CVConfig(modality="imaging", **TINY), on_fold_done=kill_after_fold_1)
+    assert not (out / "oof_predictions.csv").exists()
+    assert sorted(p.name for p in (out / "folds").iterdir()) == ["fold0", "fold1"]
+    mtime = (out / "folds" / "fold0" / "oof.csv").stat().st_mtime_ns
+    run_cv(tiny_crops, out, CVConfig(modality="imaging", **TINY))
+    assert (out / "folds" / "fold0" / "oof.csv").stat().st_mtime_ns == mtime  # not recomputed
+    resumed = _read(out, "oof_predictions.csv")
+    # bit-identical to the uninterrupted run (CSV round trip of float64 is exact with pandas)
+    pd.testing.assert_frame_equal(resumed, reference, check_exact=True)
+    assert np.array_equal(resumed["risk"].to_numpy(), reference["risk"].to_numpy())
+    with pytest.raises(InputError, match="different configuration"):
+        run_cv(tiny_crops, out, CVConfig(modality="imaging", **{**TINY, "lr": 0.5}))
+
+
+def test_imaging_model_sees_no_clinical_data(imaging_run, tiny_crops, tmp_path):
+    crops = tmp_path / "crops"
+    shutil.copytree(tiny_crops, crops)
+    patients = pd.read_csv(crops / "patients.csv", dtype={"patient_id": str})
+    rng = np.random.default_rng(0)
+    for col in ("age", "bmi", "ecog", "psa", "gleason", "adt"):
+        patients[col] = rng.permutation(patients[col].to_numpy())
+    patients.to_csv(crops / "patients.csv", index=False)
+    scrambled = run_cv(crops, tmp_path / "cv", CVConfig(modality="imaging", **TINY))
+    assert np.array_equal(scrambled.oof["risk"].to_numpy(), imaging_run.oof["risk"].to_numpy())
+
+
+def test_checkpoint_round_trip_reproduces_oof(imaging_run, tiny_crops):
+    out = imaging_run.out_dir
+    state, pre, config = load_checkpoint(out / "checkpoints" / "fold0.safetensors")
+    assert config["modality"] == "imaging"
+    model = SurvivalModel("imaging", "resnet18")
+    model.load_state_dict(state)
+    crops = load_crops(tiny_crops)
+    oof = imaging_run.oof[imaging_run.oof["fold"] == 0]
+    ids = list(oof["patient_id"])
+    mask = crops.lesions["patient_id"].isin(ids).to_numpy()
+    lesions = crops.lesions[mask].reset_index(drop=True)
+    data = SurvivalData(torch.ones(len(ids)), torch.ones(len(ids), dtype=torch.long), None,
+                        torch.from_numpy(crops.planes("axial")[mask]),
+                        torch.tensor(lesions["patient_id"].map({p: i for i, p in enumerate(ids)}).to_numpy()))
+    risk, _ = predict(model, data)
+    assert np.allclose(risk, oof["risk"].to_numpy(), atol=1e-6)
+    # the saved preprocessor is the training fold's
+    folds = _read(out, "folds.csv")
+    train_ids = folds.loc[folds["fold"] != 0, "patient_id"]
+    age = crops.patients.set_index("patient_id").loc[train_ids, "age"]
+    assert pre.mean[0].item() == pytest.approx(age.fillna(age.median()).mean())
+    assert set(load_file(out / "checkpoints" / "fold0.safetensors")) >= {"clinical.mean", "clinical.std"}
+
+
+def test_clinical_preprocessing_fitted_on_training_fold_only(tiny_crops, tmp_path):
+    config = CVConfig(modality="clinical", backbone="coxph", **TINY)
+    base = run_cv(tiny_crops, tmp_path / "base", config)
+    crops = tmp_path / "crops"
+    shutil.copytree(tiny_crops, crops)
+    patients = pd.read_csv(crops / "patients.csv", dtype={"patient_id": str})
+    fold0 = set(base.oof.loc[base.oof["fold"] == 0, "patient_id"])
+    patients.loc[patients["patient_id"].isin(fold0), "age"] = 109.0  # extreme test-fold values
+    patients.to_csv(crops / "patients.csv", index=False)
+    changed = run_cv(crops, tmp_path / "changed", config)
+    means = {name: [load_checkpoint(r.out_dir / "checkpoints" / f"fold{k}.safetensors")[1].mean[0].item()
+                    for k in range(3)] for name, r in (("base", base), ("changed", changed))}
+    assert means["base"][0] == means["changed"][0]  # fold 0's test patients never fitted
+    assert means["base"][1] != means["changed"][1]  # but they are training patients of fold 1
+
+
+def test_coxph_baseline_same_folds_matches_lifelines(imaging_run, tiny_crops, tmp_path):
+    result = run_cv(tiny_crops, tmp_path / "coxph", CVConfig(modality="clinical", backbone="coxph", **TINY))
+    pd.testing.assert_frame_equal(_read(result.out_dir, "folds.csv"), _read(imaging_run.out_dir, "folds.csv"))
+    assert sorted(result.oof["patient_id"]) == sorted(imaging_run.oof["patient_id"])
+    _, pre, _ = load_checkpoint(result.out_dir / "checkpoints" / "fold0.safetensors")
+    patients = load_crops(tiny_crops).patients.set_index("patient_id")
+    train = patients.loc[result.oof.loc[result.oof["fold"] != 0, "patient_id"]].reset_index()
+    test = patients.loc[result.oof.loc[result.oof["fold"] == 0, "patient_id"]].reset_index()
+    n = len(pre.columns)  # the baseline uses the imputed columns, not the missing indicators
+    x = pre.transform(train).numpy()[:, :n]
+    keep = x.std(0) > 1e-8
+    frame = pd.DataFrame(x[:, keep]).add_prefix("x").assign(T=train["pfs_months"], E=train["event"])
+    cph = CoxPHFitter(penalizer=0.01).fit(frame, "T", "E")
+    expected = pd.DataFrame(pre.transform(test).numpy()[:, :n][:, keep]).add_prefix("x") @ cph.params_.to_numpy()
+    got = result.oof[result.oof["fold"] == 0].set_index("patient_id").loc[test["patient_id"], "risk"]
+    assert np.allclose(got.to_numpy(), expected.to_numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("config", [
+    CVConfig(modality="clinical", **TINY),
+    CVConfig(modality="multimodal", aggregation="attention", **TINY),
+    CVConfig(modality="imaging", backbone="r3d_18", aggregation="max", **{**TINY, "epochs": 1}),
+], ids=["clinical-mlp", "multimodal-attention", "r3d_18-max"])
+def test_other_modalities_and_backbones_run(config, tiny_crops, tmp_path):
+    result = run_cv(tiny_crops, tmp_path / "cv", config)
+    assert len(result.oof) == 24 and np.isfinite(result.oof["risk"]).all()
+    assert 0 <= result.c_index_pooled <= 1
+
+
+def test_cli_runs_and_reports(tiny_crops, tmp_path, capsys):
+    import argparse
+
+    from psma_lib import cv
+
+    parser = argparse.ArgumentParser()
+    cv.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["cv", "--crops", str(tiny_crops), "--out", str(tmp_path / "cv"), "--modality",
+                              "clinical", "--backbone", "coxph", "--folds", "3", "--seed", "5", "--no-progress"])
+    assert args.func(args) == 0
+    assert "patient-level C-index pooled OOF" in capsys.readouterr().out
+    assert (tmp_path / "cv" / "oof_predictions.csv").is_file()
+    saved = json.loads((tmp_path / "cv" / "config.json").read_text())["config"]
+    assert saved["backbone"] == "coxph" and saved["folds"] == 3 and saved["seed"] == 5
+
+
+def _corrupt_copy(tiny_crops, tmp_path, edit):
+    crops = tmp_path / "crops"
+    shutil.copytree(tiny_crops, crops)
+    edit(crops)
+    return crops
+
+
+def test_bad_input_one_clear_error_and_no_output(tiny_crops, tmp_path):
+    def nan_crop(crops):
+        arr = np.load(crops / "crops.npy")
+        arr[3, 0, 8, 8, 8] = np.nan
+        np.save(crops / "crops.npy", arr)
+
+    def bad_event(crops):
+        p = pd.read_csv(crops / "patients.csv")
+        p.loc[2, "event"] = 2
+        p.to_csv(crops / "patients.csv", index=False)
+
+    lesion3 = pd.read_csv(tiny_crops / "lesions.csv", dtype=str).loc[3]
+    cases = [(nan_crop, f"patient {lesion3['patient_id']}.*non-finite"), (bad_event, "patient P002.*event must be 0 or 1")]
+    for i, (edit, message) in enumerate(cases):
+        crops = _corrupt_copy(tiny_crops, tmp_path / str(i), edit)
+        out = tmp_path / str(i) / "cv"
+        with pytest.raises(InputError, match=message):
+            run_cv(crops, out, CVConfig(modality="imaging", **TINY))
+        assert not out.exists()
+    with pytest.raises(InputError, match="weights file not found"):
+        run_cv(tiny_crops, tmp_path / "w", CVConfig(modality="imaging", weights=str(tmp_path / "none.pt"), **TINY))
+    assert not (tmp_path / "w").exists()
+    with pytest.raises(InputError, match="coxph"):
+        run_cv(tiny_crops, tmp_path / "x", CVConfig(modality="imaging", backbone="coxph", **TINY))
+
+
+# ---------------------------------------------------------------------------------------------
+# Control cohorts: small generated cohorts with a known signal (slow: generation + 5 short CVs)
+# ---------------------------------------------------------------------------------------------
+
+# max aggregation: the most aggressive lesion carries the uptake signal; tuned once on seed 11
+CONTROL = dict(epochs=12, folds=5, batch_size=16, seed=0, patience=12, aggregation="max", progress=False,
+               device="cpu", num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def control_crops(tmp_path_factory):
+    """``signal -> crops dir`` of a 60-patient cohort, generated once per module and signal.
+
+    Coarser phantom/CT grids than the default spec and 32 mm / 2 mm crops keep it fast; the PET
+    grid and the outcome model are the default's.
+    """
+    from psma_lib.crop import crop_cohort
+    from psma_lib.synthetic import ImagingSpec, Spec, generate_cohort
+
+    root = tmp_path_factory.mktemp("control")
+    made = {}
+
+    def get(signal: str):
+        if signal not in made:
+            spec = Spec(imaging=ImagingSpec(phantom_spacing_mm=[4.0, 4.0, 3.0], ct_inplane_mm=[3.0, 3.0]))
+            manifest = generate_cohort(root / signal / "cohort", n_patients=60, seed=11, signal=signal,
+                                       spec=spec, progress=False)
+            made[signal] = crop_cohort(manifest, root / signal / "crops", size_mm=32, spacing_mm=2,
+                                       progress=False)
+        return made[signal]
+
+    return get
+
+
+@pytest.mark.slow
+def test_control_imaging_signal_is_found_by_imaging_model(control_crops, tmp_path):
+    result = run_cv(control_crops("imaging"), tmp_path / "cv", CVConfig(modality="imaging", **CONTROL))
+    assert result.c_index_pooled > 0.58, result.fold_results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality,backbone", [("imaging", "resnet18"), ("multimodal", "resnet18"),
+                                               ("clinical", "resnet18"), ("clinical", "coxph")])
+def test_control_no_signal_stays_near_half(modality, backbone, control_crops, tmp_path):
+    config = CVConfig(modality=modality, backbone=backbone, **CONTROL)
+    result = run_cv(control_crops("none"), tmp_path / "cv", config)
+    assert abs(result.c_index_pooled - 0.5) < 0.12, result.fold_results
+
+
+@pytest.mark.slow
+def test_control_clinical_signal_does_not_reach_imaging_model(control_crops, tmp_path):
+    imaging = run_cv(control_crops("clinical"), tmp_path / "cv", CVConfig(modality="imaging", **CONTROL))
+    assert abs(imaging.c_index_pooled - 0.5) < 0.12, imaging.fold_results

@@ -1,0 +1,228 @@
+"""Models, clinical preprocessing, augmentation and the training step (tiny tensors, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from psma_lib.errors import InputError
+from psma_lib.models import (
+    ClinicalPreprocessor,
+    ImageEncoder,
+    SurvivalModel,
+    aggregate_lesion_risks,
+    load_pretrained,
+    normalize_intensity,
+)
+from psma_lib.train import SurvivalData, TrainConfig, augment_batch, fit, predict
+
+
+def _clinical_frame(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"age": rng.normal(70, 8, n), "psa": np.exp(rng.normal(2, 1, n))})
+
+
+def test_preprocessor_fitted_on_training_rows_only():
+    train, test = _clinical_frame(40), _clinical_frame(10, seed=1)
+    train.loc[[3, 7], "age"] = np.nan
+    pre = ClinicalPreprocessor(["age", "psa"]).fit(train)
+    mean_before = pre.mean.clone()
+    extreme = test.copy()
+    extreme["age"], extreme["psa"] = 1e6, 1e9
+    features = pre.transform(extreme)
+    assert torch.equal(pre.mean, mean_before)  # transform never refits
+    refit = ClinicalPreprocessor(["age", "psa"]).fit(pd.concat([train, extreme]))
+    assert not torch.allclose(refit.mean, mean_before)  # ...whereas fitting on them would move it
+    # training rows: imputed with the training median, standardised to mean 0 / sd 1
+    x = pre.transform(train)
+    assert x.shape == (40, 4)
+    assert np.allclose(x[:, :2].double().mean(0), 0, atol=1e-6)
+    assert np.allclose(x[:, :2].double().std(0, unbiased=False), 1, atol=1e-5)
+    assert x[:, 2].tolist() == [1.0 if i in (3, 7) else 0.0 for i in range(40)]  # missing indicator
+    median_age = np.nanmedian(train["age"])
+    expected = (median_age - pre.mean[0].item()) / pre.std[0].item()
+    assert x[3, 0].item() == pytest.approx(expected, rel=1e-5)
+    # log1p for PSA, then the training mean/sd
+    psa = math.log1p(1e9)
+    assert features[0, 1].item() == pytest.approx((psa - pre.mean[1].item()) / pre.std[1].item(), rel=1e-5)
+
+
+def test_preprocessor_state_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    pre = ClinicalPreprocessor(["age", "psa"]).fit(_clinical_frame(20))
+    save_file(pre.state_dict(), tmp_path / "pre.safetensors")
+    again = ClinicalPreprocessor.from_state_dict(load_file(tmp_path / "pre.safetensors"), ["age", "psa"])
+    frame = _clinical_frame(5, seed=3)
+    assert torch.equal(pre.transform(frame), again.transform(frame))
+
+
+def test_normalisation_windows():
+    x = torch.tensor([[0.0, -2000.0], [50.0, 500.0], [1000.0, 5000.0]]).view(3, 2, 1, 1)
+    y = normalize_intensity(x).view(3, 2)
+    assert y[:, 0].tolist() == pytest.approx([0.0, 1.0, math.log1p(100) / math.log1p(50)])
+    assert y[:, 1].tolist() == pytest.approx([-1.0, 0.0, 1.0])
+
+
+def test_imaging_model_refuses_clinical_input():
+    model = SurvivalModel("imaging", "resnet18")
+    images = torch.rand(2, 2, 32, 32)
+    with pytest.raises(ValueError, match="must not receive clinical"):
+        model(images, torch.zeros(2, 4))
+    assert model.n_clinical == 0 and model.head[1].in_features == model.encoder.dim
+    with pytest.raises(ValueError, match="must not receive images"):
+        SurvivalModel("clinical", n_clinical=4)(images, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("backbone,shape,view", [
+    ("resnet18", (2, 32, 32), "axial"), ("resnet34", (2, 32, 32), "axial"),
+    ("resnet50", (2, 32, 32), "axial"), ("resnet18", (3, 2, 32, 32), "orthogonal"),
+    ("r3d_18", (2, 16, 16, 16), "axial"),
+])
+def test_finite_gradients_every_backbone(backbone, shape, view):
+    from psma_lib.cox import neg_partial_log_likelihood
+
+    torch.manual_seed(0)
+    model = SurvivalModel("multimodal", backbone, n_clinical=4, view=view)
+    images = torch.rand(4, *shape) * 20
+    log_hazard = model(images, torch.randn(4, 4))
+    assert log_hazard.shape == (4,)
+    loss = neg_partial_log_likelihood(log_hazard, torch.tensor([3.0, 5.0, 5.0, 9.0]), torch.tensor([1, 1, 0, 1]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(grads) == len(list(model.parameters()))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in model.encoder.parameters() for g in [g.grad])
+
+
+def test_attention_bags_match_single_lesion_and_are_permutation_invariant():
+    torch.manual_seed(0)
+    model = SurvivalModel("imaging", "resnet18", attention=True).eval()
+    images = torch.rand(5, 2, 32, 32) * 10
+    bag = torch.tensor([0, 0, 1, 1, 1])
+    with torch.no_grad():
+        out = model.forward_bags(images, bag, 2)
+        perm = torch.tensor([4, 1, 3, 0, 2])
+        out_perm = model.forward_bags(images[perm], bag[perm], 2)
+        single = model.forward_bags(images[:1], torch.tensor([0]), 1)
+        assert torch.allclose(single, model.head(model.encoder(images[:1])).squeeze(1), atol=1e-5)
+    assert torch.allclose(out, out_perm, atol=1e-5)
+
+
+def test_aggregation_mean_and_max():
+    lesions = pd.DataFrame({"patient_id": ["b", "a", "a", "b"], "log_hazard": [0.5, 1.0, 3.0, -1.5]})
+    assert aggregate_lesion_risks(lesions, "mean").to_dict() == {"a": 2.0, "b": -0.5}
+    assert aggregate_lesion_risks(lesions, "max").to_dict() == {"a": 3.0, "b": 0.5}
+    with pytest.raises(InputError):
+        aggregate_lesion_risks(lesions, "median")
+
+
+def test_pretrained_imagenet_stem_adapted_by_averaging(tmp_path):
+    from safetensors.torch import save_file
+
+    reference = torchvision.models.resnet18(weights=None)
+    save_file(reference.state_dict(), tmp_path / "r18.safetensors")
+    torch.save(reference.state_dict(), tmp_path / "r18.pt")
+    for name in ("r18.safetensors", "r18.pt"):
+        model = SurvivalModel("imaging", "resnet18")
+        left = load_pretrained(model, tmp_path / name)
+        assert left == []
+        conv = model.encoder.net.conv1.weight
+        expected = reference.conv1.weight.mean(dim=1, keepdim=True)
+        assert torch.equal(conv[:, :1], expected) and torch.equal(conv[:, 1:], expected)
+        assert torch.equal(model.encoder.net.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    with pytest.raises(InputError, match="not found"):
+        load_pretrained(SurvivalModel("imaging", "resnet18"), tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="bad.pt"):
+        load_pretrained(SurvivalModel("imaging", "resnet18"), tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (3, 2, 16, 16), (2, 8, 8, 8)])
+def test_augmentation_batched_seeded_and_geometry_preserving(shape):
+    x = torch.rand(6, *shape) * 10
+    a = augment_batch(x, torch.Generator().manual_seed(1))
+    b = augment_batch(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, augment_batch(x, torch.Generator().manual_seed(2)))
+    # with no rotation/shift/jitter left, the transform is a pure flip: values are permuted exactly
+    pure = augment_batch(x, torch.Generator().manual_seed(3), max_rotation_deg=0, max_shift=0,
+                         pet_log_scale_sd=0, ct_shift_sd_hu=0)
+    for i in range(6):
+        spatial = tuple(range(-len(shape) + (2 if len(shape) == 4 and shape[0] == 3 else 1), 0))
+        candidates = [x[i]]
+        for k in range(1, 1 << len(spatial)):
+            dims = [d for j, d in enumerate(spatial) if k >> j & 1]
+            candidates.append(x[i].flip(dims))
+        assert any(torch.allclose(pure[i], c, atol=1e-5) for c in candidates)
+
+
+def _tiny_data(n_patients=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lesion_patient = torch.arange(n_patients).repeat_interleave(2)
+    return SurvivalData(time=torch.rand(n_patients, generator=g) * 20 + 1,
+                        event=(torch.rand(n_patients, generator=g) < 0.6).long(),
+                        clinical=torch.randn(n_patients, 4, generator=g),
+                        images=torch.rand(2 * n_patients, 2, 16, 16, generator=g) * 10,
+                        lesion_patient=lesion_patient)
+
+
+@pytest.mark.parametrize("modality,attention", [("imaging", False), ("multimodal", True), ("clinical", False)])
+def test_fit_is_deterministic_on_cpu(modality, attention):
+    data = _tiny_data()
+    config = TrainConfig(epochs=2, batch_size=8, progress=False)
+    outs = []
+    torch.use_deterministic_algorithms(True)
+    try:
+        for _ in range(2):
+            torch.manual_seed(123)  # model init
+            model = SurvivalModel(modality, "resnet18", n_clinical=4, attention=attention)
+            result = fit(model, data, data, config, seed=7)
+            outs.append((predict(model, data)[0], result.history))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert np.array_equal(outs[0][0], outs[1][0])
+    pd.testing.assert_frame_equal(outs[0][1], outs[1][1])
+    assert np.isfinite(outs[0][0]).all() and len(outs[0][0]) == data.n_patients
+
+
+def test_image_encoder_rejects_unknown_backbone():
+    with pytest.raises(InputError, match="unknown backbone"):
+        ImageEncoder("vgg16")
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+def test_cuda_graph_step_matches_eager_step():
+    from psma_lib.train import Trainer
+
+    data = _tiny_data(n_patients=32).to(torch.device("cuda"))
+    params = {}
+    for graph in (True, False):
+        torch.manual_seed(0)
+        model = SurvivalModel("imaging", "resnet18", dropout=0.0).cuda()
+        config = TrainConfig(batch_size=16, augment=False, bf16=False, cuda_graph=graph, progress=False)
+        trainer = Trainer(model, data, config, seed=3)
+        assert (trainer.graphed is not None) == graph, trainer.notes
+        for idx in trainer.epoch_batches()[:3]:
+            loss = trainer.step(idx)
+        assert torch.isfinite(loss)
+        params[graph] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert torch.allclose(params[True], params[False], atol=1e-3, rtol=1e-3)
+
+
+@needs_cuda
+def test_fit_on_cuda_bf16_graph_gives_finite_risks():
+    data = _tiny_data(n_patients=40)
+    model = SurvivalModel("multimodal", "resnet18", n_clinical=4).cuda()
+    result = fit(model, data, data, TrainConfig(epochs=2, batch_size=16, progress=False), seed=1)
+    assert result.notes == []  # no fallback from the CUDA graph
+    risk, lesion = predict(model, data.to(torch.device("cuda")), bf16=True)
+    assert np.isfinite(risk).all() and np.isfinite(lesion).all()
