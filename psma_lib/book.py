@@ -76,6 +76,10 @@ class Profile:
     ``patients`` only applies to the generated synthetic cohort; ``size_mm``/``spacing_mm``
     set the crop (``size_mm / spacing_mm`` voxels per axis); ``epochs`` and ``backbones`` the
     cross-validated models; ``n_bootstrap`` the resamples behind every C-index CI.
+    ``aggregation`` turns lesion log-hazards into a patient risk (``sum``: the patient's hazard
+    is the sum of its lesions' hazards, so lesion burden counts; see ``psma_lib.models``).
+    The clinical MLP sees one row per patient (two optimiser steps per epoch on ~80 training
+    patients), so it gets its own, longer schedule: ``clinical_epochs`` at ``clinical_lr``.
     """
 
     name: str
@@ -86,6 +90,9 @@ class Profile:
     backbones: tuple[str, ...]
     folds: int = 5
     n_bootstrap: int = 1000
+    aggregation: str = "sum"
+    clinical_epochs: int = 300
+    clinical_lr: float = 1e-2
     description: str = ""
 
 
@@ -96,7 +103,7 @@ PROFILES: dict[str, Profile] = {
         description="smallest: every chapter, table and figure in a few minutes on 2 CPU cores",
     ),
     "quick": Profile(
-        name="quick", patients=99, size_mm=48.0, spacing_mm=2.0, epochs=3,
+        name="quick", patients=99, size_mm=48.0, spacing_mm=2.0, epochs=20,
         backbones=("resnet18", "resnet34", "resnet50"),
         description="the default: the whole 99-patient cohort, 2D backbones, few epochs (CPU)",
     ),
@@ -282,10 +289,20 @@ def _cv_model(modality: str, backbone: str | None, s: BookSettings) -> str:
     return backbone or s.main_backbone
 
 
+def _cv_training_options(s: BookSettings, model: str) -> list[str]:
+    """``psma-pfs cv`` options that depend on what is trained (see :class:`Profile`)."""
+    prof = PROFILES[s.profile]
+    if model == "mlp":
+        epochs = max(s.epochs, prof.clinical_epochs)
+        return ["--epochs", str(epochs), "--lr", str(prof.clinical_lr), "--patience", str(epochs)]
+    return ["--epochs", str(s.epochs), "--aggregation", prof.aggregation]
+
+
 def cv_key(s: BookSettings, modality: str, backbone: str | None = None) -> str:
     """Cache key of one cross-validation run (the clinical MLP ignores the image backbone)."""
+    model = _cv_model(modality, backbone, s)
     return cache_key(
-        "cv", modality=modality, model=_cv_model(modality, backbone, s), epochs=s.epochs,
+        "cv", modality=modality, model=model, options=_cv_training_options(s, model),
         folds=s.folds, seed=s.seed, size_mm=s.size_mm, spacing_mm=s.spacing_mm,
         data=data_checksum(s),
     )
@@ -307,8 +324,9 @@ def ensure_cv(s: BookSettings, modality: str, backbone: str | None = None) -> Pa
         _log(s, f"cross-validating {modality} {model} ({s.folds} folds, {s.epochs} epochs) into {out}")
         _run_stage("cv", ["cv", "--crops", str(crops), "--modality", modality,
                           "--backbone", model if model in ("coxph", *ALL_BACKBONES) else s.main_backbone,
-                          "--epochs", str(s.epochs), "--folds", str(s.folds), "--seed", str(s.seed),
-                          "--device", s.device, "--out", str(out), *_no_progress(s)])
+                          *_cv_training_options(s, model), "--folds", str(s.folds),
+                          "--seed", str(s.seed), "--device", s.device, "--out", str(out),
+                          *_no_progress(s)])
     return out
 
 

@@ -49,7 +49,7 @@ from .models import (
 from .repro import provenance, set_seed
 from .train import SurvivalData, TrainConfig, concordance_index, fit, predict, resolve_device
 
-AGGREGATIONS = ("mean", "max", "attention")
+AGGREGATIONS = ("mean", "max", "sum", "attention")
 COXPH_PENALIZER = 0.01
 FOLD_RESULT_COLUMNS = ("fold", "n_train_patients", "n_val_patients", "n_test_patients", "n_test_events",
                        "c_index", "c_index_lesion", "best_epoch", "seed", "notes")
@@ -68,7 +68,7 @@ class CVConfig:
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-2
-    aggregation: str = "mean"
+    aggregation: str = "sum"
     view: str = "axial"
     val_fraction: float = 0.2
     patience: int = 10

@@ -3,7 +3,7 @@ inner-validation model selection, and a fast GPU path.
 
 Training units:
 
-* ``imaging`` / ``multimodal`` with ``mean`` or ``max`` aggregation: **lesions**, each inheriting its
+* ``imaging`` / ``multimodal`` with ``mean``, ``max`` or ``sum`` aggregation: **lesions**, each inheriting its
   patient's ``pfs_months`` / ``event``; the Cox loss runs over a batch of lesions (Efron ties handle
   the identical times of one patient's lesions).
 * ``clinical``: **patients** (a patient's lesions would only repeat the same clinical row).
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cox import neg_partial_log_likelihood
-from .models import SurvivalModel
+from .models import SurvivalModel, aggregate_lesion_risks
 
 
 def concordance_index(time, risk, event) -> float:
@@ -85,7 +85,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 3e-4
     weight_decay: float = 1e-2
-    aggregation: str = "mean"
+    aggregation: str = "sum"
     patience: int = 10
     augment: bool = True
     bf16: bool = True            # GPU only; CPU stays float32 (deterministic, and not faster there)
@@ -199,7 +199,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "mean", batch_size: int = 256,
+def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "sum", batch_size: int = 256,
             bf16: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Patient risks ``[P]`` and lesion log-hazards ``[L]`` (None without images), float64.
 
@@ -237,7 +237,8 @@ def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "mean",
             patient = run(data.n_patients, bag_fn)
         else:
             frame = pd.DataFrame({"p": data.lesion_patient.cpu().numpy(), "h": lesion})
-            patient = frame.groupby("p")["h"].agg(aggregation).reindex(range(data.n_patients)).to_numpy()
+            patient = (aggregate_lesion_risks(frame, aggregation, column="h", by="p")
+                       .reindex(range(data.n_patients)).to_numpy())
     return patient, lesion
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from lifelines import CoxPHFitter
 from safetensors.torch import load_file
+from scipy.special import logsumexp
 
 from psma_lib.crop import load_crops
 from psma_lib.cv import CVConfig, check_folds, load_checkpoint, make_folds, run_cv
@@ -58,9 +59,9 @@ def test_outputs_follow_the_contract(imaging_run, tiny_crops):
     lesion = _read(out, "oof_lesion_predictions.csv")
     assert list(lesion.columns) == ["patient_id", "lesion_id", "fold", "log_hazard"]
     assert sorted(lesion["lesion_id"]) == sorted(crops.lesions["lesion_id"])
-    # mean aggregation: the patient risk is the mean of its lesions' log-hazards
-    mean = lesion.groupby("patient_id")["log_hazard"].mean()
-    assert np.allclose(oof.set_index("patient_id")["risk"], mean.loc[oof["patient_id"]].to_numpy())
+    # default "sum" aggregation: the patient's hazard is the sum of its lesions' hazards
+    summed = lesion.groupby("patient_id")["log_hazard"].agg(lambda h: logsumexp(h.to_numpy()))
+    assert np.allclose(oof.set_index("patient_id")["risk"], summed.loc[oof["patient_id"]].to_numpy())
     train = _read(out, "train_predictions.csv")
     for k in range(3):
         test_ids = set(folds.loc[folds["fold"] == k, "patient_id"])
@@ -137,7 +138,7 @@ def test_checkpoint_round_trip_reproduces_oof(imaging_run, tiny_crops):
     data = SurvivalData(torch.ones(len(ids)), torch.ones(len(ids), dtype=torch.long), None,
                         torch.from_numpy(crops.planes("axial")[mask]),
                         torch.tensor(lesions["patient_id"].map({p: i for i, p in enumerate(ids)}).to_numpy()))
-    risk, _ = predict(model, data)
+    risk, _ = predict(model, data, config["aggregation"])
     assert np.allclose(risk, oof["risk"].to_numpy(), atol=1e-6)
     # the saved preprocessor is the training fold's
     folds = _read(out, "folds.csv")

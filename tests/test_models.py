@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
+from scipy.special import logsumexp
 
 from psma_lib.errors import InputError
 from psma_lib.models import (
@@ -114,10 +115,15 @@ def test_attention_bags_match_single_lesion_and_are_permutation_invariant():
     assert torch.allclose(out, out_perm, atol=1e-5)
 
 
-def test_aggregation_mean_and_max():
+def test_aggregation_mean_max_and_sum_against_scipy_logsumexp():
     lesions = pd.DataFrame({"patient_id": ["b", "a", "a", "b"], "log_hazard": [0.5, 1.0, 3.0, -1.5]})
     assert aggregate_lesion_risks(lesions, "mean").to_dict() == {"a": 2.0, "b": -0.5}
     assert aggregate_lesion_risks(lesions, "max").to_dict() == {"a": 3.0, "b": 0.5}
+    summed = aggregate_lesion_risks(lesions, "sum")
+    assert np.isclose(summed["a"], logsumexp([1.0, 3.0])) and np.isclose(summed["b"], logsumexp([0.5, -1.5]))
+    # stable where a naive log(sum(exp)) overflows
+    huge = pd.DataFrame({"patient_id": ["a", "a"], "log_hazard": [1000.0, 1000.0]})
+    assert np.isclose(aggregate_lesion_risks(huge, "sum")["a"], 1000.0 + np.log(2.0))
     with pytest.raises(InputError):
         aggregate_lesion_risks(lesions, "median")
 
