@@ -237,8 +237,7 @@ def test_lesion_components_connectivity_and_volume():
     assert labels[0, 0, 0] == labels[1, 1, 1] == 1 and np.all(labels[4:, 4:, 4:] == 2)
 
 
-def test_cli_import_nnunet(nnunet, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_STAGE_MODULES", ("manifest", "nnunet"))
+def test_cli_import_nnunet(nnunet, tmp_path, capsys):
     source, clinical = nnunet
     out = tmp_path / "cohort"
     argv = ["import-nnunet", str(source), "--clinical", str(clinical), "--out", str(out),
