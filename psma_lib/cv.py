@@ -35,6 +35,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
 from .errors import InputError
+from .evaluation import concordance_index
 from .io import atomic_dir, atomic_path, write_csv, write_json
 from .models import (
     BACKBONES,
@@ -47,7 +48,7 @@ from .models import (
     load_pretrained,
 )
 from .repro import provenance, set_seed
-from .train import SurvivalData, TrainConfig, concordance_index, fit, predict, resolve_device
+from .train import SurvivalData, TrainConfig, fit, predict, resolve_device
 
 AGGREGATIONS = ("mean", "max", "sum", "attention")
 COXPH_PENALIZER = 0.01

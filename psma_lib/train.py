@@ -31,18 +31,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .cox import neg_partial_log_likelihood
+from .evaluation import concordance_index
 from .models import SurvivalModel, aggregate_lesion_risks
-
-
-def concordance_index(time, risk, event) -> float:
-    """Harrell's C-index where higher ``risk`` means shorter time (patient-level everywhere here)."""
-    try:
-        from .evaluation import concordance_index as evaluation_c_index
-    except ImportError:
-        from lifelines.utils import concordance_index as lifelines_c_index
-
-        return float(lifelines_c_index(np.asarray(time), -np.asarray(risk), np.asarray(event)))
-    return float(evaluation_c_index(np.asarray(time), np.asarray(risk), np.asarray(event)))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
