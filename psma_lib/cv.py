@@ -48,7 +48,16 @@ from .models import (
     load_pretrained,
 )
 from .repro import provenance, set_seed
-from .train import SurvivalData, TrainConfig, fit, predict, resolve_device
+from .train import (
+    HISTORY_COLUMNS,
+    SELECTIONS,
+    TRAINING_UNITS,
+    SurvivalData,
+    TrainConfig,
+    fit,
+    predict,
+    resolve_device,
+)
 
 AGGREGATIONS = ("mean", "max", "sum", "attention")
 COXPH_PENALIZER = 0.01
@@ -66,10 +75,13 @@ class CVConfig:
     folds: int = 5
     seed: int = 0
     device: str = "auto"
-    batch_size: int = 64
+    batch_size: int = 64         # patients (unit "patient") or lesions (unit "lesion")
     lr: float = 1e-3
     weight_decay: float = 1e-2
     aggregation: str = "sum"
+    unit: str = "patient"
+    aux_weight: float = 0.0
+    selection: str = "last"
     view: str = "axial"
     val_fraction: float = 0.2
     patience: int = 10
@@ -90,6 +102,10 @@ class CVConfig:
             raise InputError("backbone coxph is the clinical baseline: use --modality clinical")
         if self.aggregation not in AGGREGATIONS:
             raise InputError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
+        if self.unit not in TRAINING_UNITS:
+            raise InputError(f"unknown training unit {self.unit!r}; choose one of {TRAINING_UNITS}")
+        if self.selection not in SELECTIONS:
+            raise InputError(f"unknown selection {self.selection!r}; choose one of {SELECTIONS}")
         if self.view not in VIEWS:
             raise InputError(f"unknown view {self.view!r}; choose one of {VIEWS}")
         if self.folds < 2 or self.epochs < 1 or self.batch_size < 2 or not 0 < self.val_fraction < 1:
@@ -202,19 +218,41 @@ def _image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str) -> tor
     return torch.from_numpy(np.array(arr, dtype=np.float32))  # writable copy of the memmap
 
 
+AUX_TARGETS = ("suvmax", "volume_ml")  # measured per lesion by the crop stage, log-transformed
+
+
+def lesion_target_values(lesions: pd.DataFrame) -> np.ndarray:
+    """``[L, 2]`` log SUVmax and log volume (mL) of each lesion as measured; NaN where unknown."""
+    values = lesions.reindex(columns=list(AUX_TARGETS)).apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log(values), np.nan)
+
+
+def standardise_targets(values: np.ndarray, train_rows: np.ndarray) -> torch.Tensor:
+    """Targets standardised by the training lesions' mean and sd (fitted inside the fold)."""
+    train = values[train_rows]
+    mean = np.nanmean(train, axis=0) if np.isfinite(train).any() else np.zeros(values.shape[1])
+    sd = np.nanstd(train, axis=0) if np.isfinite(train).any() else np.ones(values.shape[1])
+    mean, sd = np.nan_to_num(mean), np.where(np.nan_to_num(sd) > 1e-8, sd, 1.0)
+    return torch.tensor((values - mean) / sd, dtype=torch.float32)
+
+
 def _subset(patients: pd.DataFrame, lesions: pd.DataFrame, images: torch.Tensor | None,
-            clinical: torch.Tensor | None, pids: list[str]) -> tuple[SurvivalData, pd.DataFrame]:
+            clinical: torch.Tensor | None, pids: list[str],
+            targets: torch.Tensor | None = None) -> tuple[SurvivalData, pd.DataFrame]:
     """SurvivalData for patients ``pids`` (in that order) and their lesion rows."""
     p = patients.set_index("patient_id").loc[pids]
     row_of = {pid: i for i, pid in enumerate(pids)}
     mask = lesions["patient_id"].isin(row_of).to_numpy()
     sub_lesions = lesions[mask].reset_index(drop=True)
+    rows = torch.from_numpy(np.flatnonzero(mask))
     data = SurvivalData(
         time=torch.tensor(p["pfs_months"].to_numpy(), dtype=torch.float32),
         event=torch.tensor(p["event"].to_numpy(), dtype=torch.int64),
         clinical=clinical,
-        images=None if images is None else images[torch.from_numpy(np.flatnonzero(mask))],
+        images=None if images is None else images[rows],
         lesion_patient=torch.tensor(sub_lesions["patient_id"].map(row_of).to_numpy(), dtype=torch.int64),
+        lesion_targets=None if targets is None else targets[rows],
     )
     return data, sub_lesions
 
@@ -257,7 +295,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
     pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
     clin = lambda ids: pre.transform(by_id.loc[ids].reset_index())  # noqa: E731
     tensors: dict[str, torch.Tensor] = dict(pre.state_dict())
-    history = pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "val_c_index"])
+    history = pd.DataFrame(columns=list(HISTORY_COLUMNS))
     best_epoch, notes, n_val = -1, [], 0
     if config.backbone == "coxph":
         coef = _fit_coxph(pre, by_id.loc[train_ids].reset_index())
@@ -267,26 +305,40 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         test_les = lesions[lesions["patient_id"].isin(test_ids)].reset_index(drop=True)
         test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
     else:
-        inner_train, inner_val = _inner_split(np.array(train_ids), by_id.loc[train_ids, "event"].to_numpy(),
-                                              config.val_fraction, seed)
+        if config.selection == "last":  # fixed schedule: the model sees every training patient
+            inner_train, inner_val = train_ids, []
+        else:
+            inner_train, inner_val = _inner_split(np.array(train_ids), by_id.loc[train_ids, "event"].to_numpy(),
+                                                  config.val_fraction, seed)
         n_val = len(inner_val)
         use_clin = config.modality != "imaging"
+        use_aux = config.aux_weight > 0 and config.modality != "clinical"
+        targets = None
+        if use_aux:
+            values = lesion_target_values(lesions)
+            targets = standardise_targets(values, lesions["patient_id"].isin(inner_train).to_numpy())
         data = {}
         for name, ids in (("train", inner_train), ("val", inner_val), ("test", test_ids), ("fold_train", train_ids)):
-            data[name] = _subset(patients, lesions, images, clin(ids) if use_clin else None, ids)
+            if ids:
+                data[name] = _subset(patients, lesions, images, clin(ids) if use_clin else None, ids,
+                                     targets if name == "train" else None)
         model = SurvivalModel(config.modality, config.backbone if config.modality != "clinical" else "resnet18",
                               n_clinical=pre.n_features, view=config.view,
-                              attention=config.aggregation == "attention" and config.modality != "clinical")
+                              attention=config.aggregation == "attention" and config.modality != "clinical",
+                              n_aux=len(AUX_TARGETS) if use_aux else 0)
         if config.weights and model.encoder is not None:
             load_pretrained(model, config.weights)
         model.to(device)
         aggregation = "mean" if config.aggregation == "attention" else config.aggregation
         train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                                 weight_decay=config.weight_decay, aggregation=aggregation,
+                                unit=config.unit, aux_weight=config.aux_weight if use_aux else 0.0,
+                                selection=config.selection,
                                 patience=config.patience, augment=config.augment,
                                 cuda_graph=config.cuda_graph, compile=config.compile,
                                 channels_last=config.channels_last, progress=config.progress)
-        result = fit(model, data["train"][0], data["val"][0], train_cfg, seed, desc=f"{progress_desc} fold {k}")
+        val_data = data["val"][0] if "val" in data else None
+        result = fit(model, data["train"][0], val_data, train_cfg, seed, desc=f"{progress_desc} fold {k}")
         history, best_epoch, notes = result.history, result.best_epoch, result.notes
         tensors.update({f"model.{n}": t.contiguous() for n, t in result.state_dict.items()})
         test_risk, test_lh = predict(model, data["test"][0].to(device), aggregation, bf16=train_cfg.bf16)
@@ -435,6 +487,12 @@ def register_cli(subparsers) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation)
+    p.add_argument("--unit", choices=TRAINING_UNITS, default=d.unit,
+                   help="training unit: patient = bags of lesions, Cox loss on the aggregated risk (default)")
+    p.add_argument("--aux-weight", type=float, default=d.aux_weight,
+                   help="weight of the auxiliary lesion regression (measured log SUVmax, log volume)")
+    p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
+                   help="last = fixed schedule on the whole training fold (default); val_* = inner split")
     p.add_argument("--view", choices=VIEWS, default=d.view)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--patience", type=int, default=d.patience)

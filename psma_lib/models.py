@@ -201,7 +201,8 @@ class SurvivalModel(nn.Module):
     """
 
     def __init__(self, modality: str, backbone: str = "resnet18", *, n_clinical: int = 0,
-                 view: str = "axial", hidden: int = 32, dropout: float = 0.2, attention: bool = False):
+                 view: str = "axial", hidden: int = 32, dropout: float = 0.2, attention: bool = False,
+                 n_aux: int = 0):
         super().__init__()
         if modality not in MODALITIES:
             raise InputError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
@@ -213,6 +214,9 @@ class SurvivalModel(nn.Module):
         image_dim = self.encoder.dim if self.encoder is not None else 0
         if attention and self.encoder is not None:
             self.attention_score = nn.Sequential(nn.Linear(image_dim, 64), nn.Tanh(), nn.Linear(64, 1))
+        # auxiliary lesion regression (measured log SUVmax, log volume): a regulariser that makes
+        # the embedding encode what the lesion table measures; never part of the log-hazard
+        self.aux_head = nn.Linear(image_dim, n_aux) if n_aux and self.encoder is not None else None
         in_dim = image_dim + self.n_clinical
         self.head = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1),
@@ -233,20 +237,35 @@ class SurvivalModel(nn.Module):
         return self.head(torch.cat(parts, dim=1)).squeeze(1)
 
     def forward(self, images: torch.Tensor | None = None, clinical: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_aux(images, clinical)[0]
+
+    def forward_with_aux(self, images: torch.Tensor | None = None, clinical: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Lesion log-hazards ``[B]`` and auxiliary predictions ``[B, n_aux]`` (None without)."""
         self._check_inputs(images, clinical)
         embedding = self.encoder(images) if self.encoder is not None else None
-        return self._head(embedding, clinical)
+        aux = self.aux_head(embedding) if self.aux_head is not None else None
+        return self._head(embedding, clinical), aux
 
     def forward_bags(self, images: torch.Tensor, bag_index: torch.Tensor, n_bags: int,
-                     clinical: torch.Tensor | None = None) -> torch.Tensor:
-        """Patient log-hazards ``[n_bags]`` from lesions ``images`` ``[L, ...]``.
+                     clinical: torch.Tensor | None = None, aggregation: str = "sum"
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patient log-hazards ``[n_bags]`` from lesions ``images`` ``[L, ...]``, and the lesions'
+        auxiliary predictions ``[L, n_aux]`` (None without).
 
         ``bag_index`` ``[L]`` (int64) gives each lesion's patient row in ``0..n_bags-1``;
-        ``clinical`` is per patient ``[n_bags, F]``. Attention weights are a softmax over each
-        patient's lesions (segment softmax via scatter, no padding, any bag sizes).
+        ``clinical`` is per patient ``[n_bags, F]``. An attention model pools the lesion embeddings
+        with a softmax over each patient's lesions (segment softmax via scatter, no padding, any
+        bag sizes); any other model scores each lesion and combines the log-hazards with
+        :func:`segment_aggregate` (``aggregation``), so the Cox loss acts on the patient's risk.
         """
         self._check_inputs(images, clinical)
         emb = self.encoder(images)
+        aux = self.aux_head(emb) if self.aux_head is not None else None
+        if not self.attention:
+            lesion_clinical = None if clinical is None else clinical[bag_index]
+            log_hazard = self._head(emb, lesion_clinical)
+            return segment_aggregate(log_hazard, bag_index, n_bags, aggregation), aux
         score = self.attention_score(emb).squeeze(1).float()
         bag_max = torch.full((n_bags,), -torch.inf, device=score.device).scatter_reduce(
             0, bag_index, score, reduce="amax", include_self=True)
@@ -255,10 +274,37 @@ class SurvivalModel(nn.Module):
         weight = (weight / norm[bag_index]).to(emb.dtype)
         pooled = torch.zeros(n_bags, emb.shape[1], device=emb.device, dtype=emb.dtype)
         pooled = pooled.index_add(0, bag_index, emb * weight.unsqueeze(1))
-        return self._head(pooled, clinical)
+        return self._head(pooled, clinical), aux
 
 
 LESION_AGGREGATIONS = ("mean", "max", "sum")
+
+
+def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags: int,
+                      how: str = "sum") -> torch.Tensor:
+    """Differentiable patient log-hazards ``[n_bags]`` from lesion log-hazards ``[L]``.
+
+    The torch twin of :func:`aggregate_lesion_risks` (same ``how``); every bag must be non-empty.
+
+    >>> h = torch.tensor([1.0, 3.0, 0.5]); bag = torch.tensor([0, 0, 1])
+    >>> segment_aggregate(h, bag, 2, "sum").round(decimals=3).tolist()
+    [3.127, 0.5]
+    >>> segment_aggregate(h, bag, 2, "mean").tolist()
+    [2.0, 0.5]
+    """
+    if how not in LESION_AGGREGATIONS:
+        raise InputError(f"unknown lesion aggregation {how!r}; choose one of {LESION_AGGREGATIONS}")
+    h = log_hazard.float()
+    if how == "mean":
+        counts = torch.zeros(n_bags, device=h.device).index_add(0, bag_index, torch.ones_like(h))
+        return torch.zeros(n_bags, device=h.device).index_add(0, bag_index, h) / counts
+    peak = torch.full((n_bags,), -torch.inf, device=h.device).scatter_reduce(
+        0, bag_index, h, reduce="amax", include_self=True)
+    if how == "max":
+        return peak
+    peak = peak.detach()  # the shift cancels exactly; no gradient through it
+    summed = torch.zeros(n_bags, device=h.device).index_add(0, bag_index, torch.exp(h - peak[bag_index]))
+    return torch.log(summed) + peak
 
 
 def aggregate_lesion_risks(lesions: pd.DataFrame, how: str = "mean", column: str = "log_hazard",

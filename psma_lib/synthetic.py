@@ -107,7 +107,12 @@ def _default_sites() -> dict[str, SiteSpec]:
 
 @dataclass
 class LesionSpec:
-    """Lesions per patient, site mix and SUVmax, diameters (mm), necrosis (hidden property)."""
+    """Lesions per patient, site mix and SUVmax, diameters (mm), necrosis (hidden property).
+
+    ``per_patient_min = per_patient_max = per_patient_mean = n`` gives every patient exactly ``n``
+    lesions: a **count-free** cohort, on which the number of lesions carries no information about
+    the outcome (:func:`count_free`; ``psma-pfs generate --lesions-per-patient n``).
+    """
 
     per_patient_mean: float = 4.0
     per_patient_min: int = 1
@@ -190,6 +195,22 @@ class Spec:
     clinical: ClinicalSpec = field(default_factory=ClinicalSpec)
     outcome: OutcomeSpec = field(default_factory=OutcomeSpec)
     imaging: ImagingSpec = field(default_factory=ImagingSpec)
+
+
+def count_free(spec: Spec, lesions_per_patient: int = 4) -> Spec:
+    """A copy of ``spec`` in which every patient has exactly ``lesions_per_patient`` lesions.
+
+    The count term of the outcome model is then the same constant for everyone, so a model can
+    only rank patients by what their lesions look like (the control of a pixel-learning claim).
+
+    >>> count_free(Spec(), 4).lesions.per_patient_max
+    4
+    """
+    if lesions_per_patient < 1:
+        raise InputError(f"lesions per patient must be >= 1, got {lesions_per_patient}")
+    lesions = dataclasses.replace(spec.lesions, per_patient_mean=float(lesions_per_patient),
+                                  per_patient_min=lesions_per_patient, per_patient_max=lesions_per_patient)
+    return dataclasses.replace(spec, lesions=lesions)
 
 
 def spec_to_dict(spec: Spec) -> dict:
@@ -936,8 +957,11 @@ def load_truth(cohort_dir: str | os.PathLike) -> pd.DataFrame:
 
 
 def _cli_generate(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec)
+    if args.lesions_per_patient is not None:
+        spec = count_free(spec, args.lesions_per_patient)
     manifest = generate_cohort(args.out, n_patients=args.patients, seed=args.seed, signal=args.signal,
-                               spec=load_spec(args.spec), workers=args.workers,
+                               spec=spec, workers=args.workers,
                                progress=not args.no_progress)
     print(manifest)
     return 0
@@ -953,6 +977,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--signal", choices=SIGNALS, default="both",
                    help="what drives the outcome: both (default), imaging, clinical, none")
     p.add_argument("--spec", default=None, help="spec YAML (default: built-in = data_manifest/synthetic_default.yaml)")
+    p.add_argument("--lesions-per-patient", type=int, default=None, metavar="N",
+                   help="every patient gets exactly N lesions: a count-free control cohort")
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cli_generate)

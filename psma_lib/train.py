@@ -1,28 +1,47 @@
-"""Training loop of the survival models: lesion-level Cox training, batched on-device augmentation,
-inner-validation model selection, and a fast GPU path.
+"""Training loop of the survival models: patient-level (bag) or lesion-level Cox training,
+auxiliary lesion targets, batched on-device augmentation, a fixed schedule or inner-validation
+model selection, and a fast GPU path.
 
-Training units:
+Training units (``TrainConfig.unit``):
 
-* ``imaging`` / ``multimodal`` with ``mean``, ``max`` or ``sum`` aggregation: **lesions**, each inheriting its
-  patient's ``pfs_months`` / ``event``; the Cox loss runs over a batch of lesions (Efron ties handle
-  the identical times of one patient's lesions).
-* ``clinical``: **patients** (a patient's lesions would only repeat the same clinical row).
-* ``attention`` aggregation: **patients** as bags of all their lesions; the Cox loss is at patient
-  level on the attention-pooled log-hazard.
+* ``patient`` (the default for image models): each batch holds whole patients as bags of all
+  their lesions; the lesions' log-hazards are combined with the run's aggregation
+  (:func:`psma_lib.models.segment_aggregate`, or attention pooling) and the Cox loss acts on the
+  patients' risks -- the same quantity that is evaluated. ``batch_size`` counts patients.
+* ``lesion``: each lesion inherits its patient's ``pfs_months`` / ``event`` and the Cox loss runs
+  over a batch of lesions (Efron ties handle the identical times of one patient's lesions).
+  ``batch_size`` counts lesions. Kept for comparison (docs/METHOD.md).
+* the clinical model always trains on patients (a patient's lesions would only repeat the same
+  clinical row).
+
+``aux_weight > 0`` adds a lesion-level regression of measured quantities (standardised log SUVmax
+and log volume from the lesion table, ``SurvivalData.lesion_targets``) from the image embedding:
+a regulariser that needs no outcome, fitted on the training patients only.
+
+Model selection (``TrainConfig.selection``): ``last`` trains a fixed schedule (cosine-decayed
+learning rate) on every training patient and keeps the final weights; ``val_loss`` /
+``val_c_index`` keep the best epoch on an inner validation set (with early stopping).
+
+The history is on one scale: each epoch's Cox loss of the training (and validation) patients at
+patient level with the run's aggregation, beside the loss of a constant risk on the same patients
+(``*_null_loss``); their difference is comparable across sets of different size.
 
 CPU: deterministic (``torch.use_deterministic_algorithms(True)``, seeded generators for shuffling,
 augmentation and dropout), so the same seed gives bit-identical results. GPU: the data lives on the
-device, augmentation runs batched there, bf16 autocast, cudnn autotuning, and the whole train step
-(forward, Cox loss, backward, capturable AdamW) is captured once in a CUDA graph and replayed
-(falls back to eager with a warning if capture fails); ``compile=True`` uses ``torch.compile``.
+device, augmentation runs batched there, bf16 autocast, cudnn autotuning, and for lesion units
+without auxiliary targets the whole train step (forward, Cox loss, backward, capturable AdamW) is
+captured once in a CUDA graph and replayed (falls back to eager with a warning if capture fails);
+``compile=True`` uses ``torch.compile``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -33,6 +52,9 @@ from tqdm.auto import tqdm
 from .cox import neg_partial_log_likelihood
 from .evaluation import concordance_index
 from .models import SurvivalModel, aggregate_lesion_risks
+
+TRAINING_UNITS = ("patient", "lesion")
+SELECTIONS = ("last", "val_loss", "val_c_index")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -48,7 +70,8 @@ class SurvivalData:
 
     ``time`` / ``event`` / ``clinical`` are per patient ``[P]``, ``[P]``, ``[P, F]``;
     ``images`` per lesion ``[L, 2, H, W]`` (2D axial), ``[L, 3, 2, S, S]`` (orthogonal) or
-    ``[L, 2, D, H, W]`` (3D) in physical units; ``lesion_patient`` ``[L]`` int64 row in ``0..P-1``.
+    ``[L, 2, D, H, W]`` (3D) in physical units; ``lesion_patient`` ``[L]`` int64 row in ``0..P-1``;
+    ``lesion_targets`` ``[L, T]`` float32 auxiliary targets (NaN = unknown), only for training.
     """
 
     time: torch.Tensor
@@ -56,6 +79,7 @@ class SurvivalData:
     clinical: torch.Tensor | None = None
     images: torch.Tensor | None = None
     lesion_patient: torch.Tensor | None = None
+    lesion_targets: torch.Tensor | None = None
 
     @property
     def n_patients(self) -> int:
@@ -64,7 +88,7 @@ class SurvivalData:
     def to(self, device: torch.device) -> SurvivalData:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return SurvivalData(move(self.time), move(self.event), move(self.clinical),
-                            move(self.images), move(self.lesion_patient))
+                            move(self.images), move(self.lesion_patient), move(self.lesion_targets))
 
 
 @dataclass
@@ -72,11 +96,14 @@ class TrainConfig:
     """Optimisation settings (see :func:`fit`)."""
 
     epochs: int = 30
-    batch_size: int = 64
-    lr: float = 3e-4
+    batch_size: int = 64         # patients (unit "patient") or lesions (unit "lesion")
+    lr: float = 1e-3
     weight_decay: float = 1e-2
     aggregation: str = "sum"
-    patience: int = 10
+    unit: str = "patient"
+    aux_weight: float = 0.0
+    selection: str = "last"
+    patience: int = 10           # early stopping, for the val_* selections only
     augment: bool = True
     bf16: bool = True            # GPU only; CPU stays float32 (deterministic, and not faster there)
     cuda_graph: bool = True      # GPU only
@@ -134,10 +161,21 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, *, max_rotation_d
     return out.view_as(x)
 
 
+class Batch(NamedTuple):
+    """Model inputs and targets of one batch; ``bags`` = (lesion -> patient row, n patients)."""
+
+    images: torch.Tensor | None
+    clinical: torch.Tensor | None
+    time: torch.Tensor
+    event: torch.Tensor
+    bags: tuple[torch.Tensor, int] | None
+    targets: torch.Tensor | None
+
+
 class _Batches:
     """Index batches for one epoch: lesions (lesion units) or patients with their lesion bags."""
 
-    def __init__(self, data: SurvivalData, unit: str, device: torch.device):
+    def __init__(self, data: SurvivalData, unit: str):
         self.data, self.unit = data, unit
         if unit == "bag":
             lp = data.lesion_patient
@@ -155,32 +193,50 @@ class _Batches:
         pos = torch.arange(int(lens.sum()), device=lens.device) - first[bag] + starts[bag]
         return self.order[pos], bag
 
-    def inputs(self, idx: torch.Tensor):
-        """(images, clinical, time, event, bags) for unit rows ``idx``; ``bags`` only for bag units."""
+    def inputs(self, idx: torch.Tensor) -> Batch:
+        """The batch of unit rows ``idx``."""
         d = self.data
+        pick = lambda t, rows: None if t is None else t[rows]  # noqa: E731
         if self.unit == "patient":
-            return None, d.clinical[idx], d.time[idx], d.event[idx], None
+            return Batch(None, d.clinical[idx], d.time[idx], d.event[idx], None, None)
         if self.unit == "lesion":
             pid = d.lesion_patient[idx]
-            clinical = None if d.clinical is None else d.clinical[pid]
-            return d.images[idx], clinical, d.time[pid], d.event[pid], None
+            return Batch(d.images[idx], pick(d.clinical, pid), d.time[pid], d.event[pid], None,
+                         pick(d.lesion_targets, idx))
         rows, bag = self.bag_lesions(idx)
-        clinical = None if d.clinical is None else d.clinical[idx]
-        return d.images[rows], clinical, d.time[idx], d.event[idx], (bag, len(idx))
+        return Batch(d.images[rows], pick(d.clinical, idx), d.time[idx], d.event[idx], (bag, len(idx)),
+                     pick(d.lesion_targets, rows))
 
 
-def _unit(model: SurvivalModel) -> str:
+def _unit(model: SurvivalModel, unit: str = "patient") -> str:
+    """What one training row is: ``patient`` (clinical), ``bag`` (patients with their lesions)
+    or ``lesion``."""
     if model.encoder is None:
         return "patient"
-    return "bag" if model.attention else "lesion"
+    return "bag" if model.attention or unit == "patient" else "lesion"
 
 
-def _forward(model: SurvivalModel, images, clinical, bags):
-    if bags is not None:
-        return model.forward_bags(images, bags[0], bags[1], clinical)
+def _forward(model: SurvivalModel, batch: Batch, aggregation: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-hazards of the batch's units, auxiliary lesion predictions or None)."""
+    if batch.bags is not None:
+        return model.forward_bags(batch.images, batch.bags[0], batch.bags[1], batch.clinical, aggregation)
     if model.modality == "clinical":
-        return model(None, clinical)
-    return model(images, None if model.modality == "imaging" else clinical)
+        return model(None, batch.clinical), None
+    clinical = None if model.modality == "imaging" else batch.clinical
+    return model.forward_with_aux(batch.images, clinical)
+
+
+def auxiliary_loss(prediction: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean squared error over the known (non-NaN) auxiliary targets; None if there are none.
+
+    >>> auxiliary_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, float("nan")]])).item()
+    4.0
+    """
+    if prediction is None or targets is None:
+        return None
+    known = ~torch.isnan(targets)
+    err = torch.where(known, prediction.float() - torch.nan_to_num(targets), torch.zeros_like(targets))
+    return (err**2).sum() / known.sum().clamp(min=1)
 
 
 def _autocast(device: torch.device, enabled: bool):
@@ -193,14 +249,12 @@ def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "sum", 
             bf16: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Patient risks ``[P]`` and lesion log-hazards ``[L]`` (None without images), float64.
 
-    Mean/max models score each lesion and aggregate; attention models pool each patient's bag and
-    score every lesion also as a bag of one (its own log-hazard, for the lesion table). The
-    clinical model scores patients only.
+    Image models score each lesion and aggregate (``aggregation``, as in training); attention
+    models pool each patient's bag and score every lesion also as a bag of one (its own
+    log-hazard, for the lesion table). The clinical model scores patients only.
     """
     model.eval()
     device = next(model.parameters()).device
-    unit = _unit(model)
-    batches = _Batches(data, unit, device)
     use_bf16 = bf16 and device.type == "cuda"
 
     def run(n, fn):
@@ -208,23 +262,20 @@ def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "sum", 
         return torch.cat(out).double().cpu().numpy()
 
     with _autocast(device, use_bf16):
-        if unit == "patient":
+        if model.encoder is None:
             return run(data.n_patients, lambda idx: model(None, data.clinical[idx]).float()), None
-        lesion_batches = _Batches(data, "lesion", device)
+        lesions = _Batches(data, "lesion")
 
         def lesion_fn(idx):
-            images, clinical, _, _, _ = lesion_batches.inputs(idx)
-            if unit == "bag":
-                bags = (torch.arange(len(idx), device=device), len(idx))
-                return _forward(model, images, clinical, bags).float()
-            return _forward(model, images, clinical, None).float()
+            batch = lesions.inputs(idx)
+            if model.attention:  # each lesion as a bag of one
+                batch = batch._replace(bags=(torch.arange(len(idx), device=device), len(idx)))
+            return _forward(model, batch, aggregation)[0].float()
 
         lesion = run(data.images.shape[0], lesion_fn)
-        if unit == "bag":
-            def bag_fn(idx):
-                images, clinical, _, _, bags = batches.inputs(idx)
-                return _forward(model, images, clinical, bags).float()
-            patient = run(data.n_patients, bag_fn)
+        if model.attention:
+            bags = _Batches(data, "bag")
+            patient = run(data.n_patients, lambda idx: _forward(model, bags.inputs(idx), aggregation)[0].float())
         else:
             frame = pd.DataFrame({"p": data.lesion_patient.cpu().numpy(), "h": lesion})
             patient = (aggregate_lesion_risks(frame, aggregation, column="h", by="p")
@@ -232,22 +283,36 @@ def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "sum", 
     return patient, lesion
 
 
-def _evaluate(model, data: SurvivalData, aggregation: str, bf16: bool) -> tuple[float, float]:
-    """Patient-level (Cox loss, C-index) of ``data``."""
-    risk, _ = predict(model, data, aggregation, bf16=bf16)
+def patient_loss(risk: np.ndarray, data: SurvivalData) -> tuple[float, float]:
+    """(Cox loss of patient risks ``risk`` on ``data``'s patients, loss of a constant risk).
+
+    Both are the mean negative partial log-likelihood per event (Efron); the constant-risk loss
+    grows with the log of the risk-set sizes, so ``loss - null`` is what compares across sets.
+    """
     time, event = data.time.double().cpu(), data.event.cpu()
+    if int(event.sum()) == 0:
+        return float("nan"), float("nan")
     loss = float(neg_partial_log_likelihood(torch.from_numpy(risk), time, event))
-    c_index = concordance_index(time.numpy(), risk, event.numpy()) if int(event.sum()) > 0 else float("nan")
-    return loss, c_index
+    null = float(neg_partial_log_likelihood(torch.zeros(len(risk), dtype=torch.float64), time, event))
+    return loss, null
+
+
+def _evaluate(model, data: SurvivalData, aggregation: str, bf16: bool) -> dict[str, float]:
+    """Patient-level Cox loss, constant-risk loss and C-index of ``data``."""
+    risk, _ = predict(model, data, aggregation, bf16=bf16)
+    loss, null = patient_loss(risk, data)
+    time, event = data.time.double().cpu().numpy(), data.event.cpu().numpy()
+    c_index = concordance_index(time, risk, event) if int(event.sum()) > 0 else float("nan")
+    return {"loss": loss, "null_loss": null, "c_index": c_index}
 
 
 class _GraphedStep:
-    """The whole train step captured in a CUDA graph with static input buffers."""
+    """The whole train step captured in a CUDA graph with static input buffers (lesion units
+    without auxiliary targets: the only ones with static shapes)."""
 
-    def __init__(self, model, optimizer, example, bf16: bool):
-        self.model, self.optimizer = model, optimizer
-        images, clinical, time, event = example
-        self.static = [None if t is None else t.clone() for t in (images, clinical, time, event)]
+    def __init__(self, model, optimizer, example: Batch, bf16: bool, aggregation: str):
+        self.model, self.optimizer, self.aggregation = model, optimizer, aggregation
+        self.static = Batch(*[None if t is None else t.clone() for t in example[:4]], None, None)
         model.train()  # the captured graph replays training-mode BatchNorm and dropout
         params = [p.detach().clone() for p in model.parameters()]
         buffers = [b.detach().clone() for b in model.buffers()]
@@ -277,13 +342,13 @@ class _GraphedStep:
                         value.zero_()
 
     def _loss(self, bf16):
-        images, clinical, time, event = self.static
-        with _autocast(images.device if images is not None else clinical.device, bf16):
-            log_hazard = _forward(self.model, images, clinical, None)
-        return neg_partial_log_likelihood(log_hazard.float(), time, event)
+        device = self.static.time.device
+        with _autocast(device, bf16):
+            log_hazard, _ = _forward(self.model, self.static, self.aggregation)
+        return neg_partial_log_likelihood(log_hazard.float(), self.static.time, self.static.event)
 
-    def __call__(self, images, clinical, time, event) -> torch.Tensor:
-        for buf, value in zip(self.static, (images, clinical, time, event), strict=True):
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        for buf, value in zip(self.static[:4], batch[:4], strict=True):
             if buf is not None:
                 buf.copy_(value)
         self.graph.replay()
@@ -315,12 +380,15 @@ class Trainer:
     """
 
     def __init__(self, model: SurvivalModel, train: SurvivalData, config: TrainConfig, seed: int):
+        if config.unit not in TRAINING_UNITS:
+            raise ValueError(f"unknown training unit {config.unit!r}; choose one of {TRAINING_UNITS}")
         self.device = next(model.parameters()).device
         self.model, self.config, self.train = model, config, train
         self.is_cuda = self.device.type == "cuda"
         self.bf16 = config.bf16 and self.is_cuda
-        self.unit = _unit(model)
-        self.batches = _Batches(train, self.unit, self.device)
+        self.unit = _unit(model, config.unit)
+        self.use_aux = config.aux_weight > 0 and model.aux_head is not None and train.lesion_targets is not None
+        self.batches = _Batches(train, self.unit)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cpu_generator = torch.Generator().manual_seed(seed + 1)
         channels_last = self.is_cuda if config.channels_last is None else config.channels_last
@@ -329,7 +397,8 @@ class Trainer:
             model.to(memory_format=torch.channels_last)
         if self.is_cuda:
             torch.backends.cudnn.benchmark = True
-        want_graph = self.is_cuda and config.cuda_graph and self.unit != "bag" and not config.compile
+        want_graph = (self.is_cuda and config.cuda_graph and self.unit == "lesion" and not self.use_aux
+                      and not config.compile)
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay, self.device, want_graph)
         self.batch_size = min(config.batch_size, self.batches.n_units)
         self.graphed: _GraphedStep | None = None
@@ -338,8 +407,8 @@ class Trainer:
         if want_graph:
             initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
             try:
-                example = self._batch(torch.arange(self.batch_size, device=self.device))[:4]
-                self.graphed = _GraphedStep(model, self.optimizer, example, self.bf16)
+                example = self._batch(torch.arange(self.batch_size, device=self.device))
+                self.graphed = _GraphedStep(model, self.optimizer, example, self.bf16, config.aggregation)
             except Exception as exc:  # capture is fragile across versions/ops: eager still works
                 msg = f"CUDA graph capture failed ({type(exc).__name__}: {exc}); training eagerly"
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -347,16 +416,18 @@ class Trainer:
                 model.load_state_dict(initial)  # undo any warm-up steps taken before the failure
                 self.optimizer = make_optimizer(model, config.lr, config.weight_decay, self.device, False)
 
-    def _batch(self, idx):
-        images, clinical, time, event, bags = self.batches.inputs(idx)
-        if images is not None and self.config.augment:
-            images = augment_batch(images, self.generator)
-        return images, clinical, time, event, bags
+    def _batch(self, idx) -> Batch:
+        batch = self.batches.inputs(idx)
+        if batch.images is not None and self.config.augment:
+            batch = batch._replace(images=augment_batch(batch.images, self.generator))
+        return batch
 
-    def _eager_loss(self, images, clinical, time, event, bags):
+    def _eager_loss(self, batch: Batch) -> torch.Tensor:
         with _autocast(self.device, self.bf16):
-            log_hazard = _forward(self.model, images, clinical, bags)
-        return neg_partial_log_likelihood(log_hazard.float(), time, event)
+            log_hazard, aux = _forward(self.model, batch, self.config.aggregation)
+        loss = neg_partial_log_likelihood(log_hazard.float(), batch.time, batch.event)
+        aux_loss = auxiliary_loss(aux, batch.targets) if self.use_aux else None
+        return loss if aux_loss is None else loss + self.config.aux_weight * aux_loss
 
     def epoch_batches(self) -> list[torch.Tensor]:
         """Index batches of one epoch: a seeded permutation cut into full batches (static shapes for
@@ -371,11 +442,11 @@ class Trainer:
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         """One optimisation step on unit rows ``idx``; returns the loss tensor (no host sync)."""
         self.model.train()
-        images, clinical, time, event, bags = self._batch(idx)
+        batch = self._batch(idx)
         if self.graphed is not None:
-            return self.graphed(images, clinical, time, event)
+            return self.graphed(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.step_fn(images, clinical, time, event, bags)
+        loss = self.step_fn(batch)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -386,35 +457,58 @@ class Trainer:
         _set_lr(self.optimizer, self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))))
 
 
-def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData, config: TrainConfig, seed: int,
+HISTORY_COLUMNS = ("epoch", "batch_loss", "train_loss", "train_null_loss", "val_loss", "val_null_loss",
+                   "val_c_index")
+
+
+def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData | None, config: TrainConfig, seed: int,
         desc: str = "train") -> FitResult:
-    """Train ``model`` (already on its device) and keep the epoch with the best inner-validation
-    patient-level C-index (ties: lower validation loss); stop after ``patience`` epochs without
-    improvement. Returns the best weights (CPU copy) and a per-epoch history
-    ``epoch, train_loss, val_loss, val_c_index``.
+    """Train ``model`` (already on its device); returns the kept weights (CPU copy) and a per-epoch
+    history (:data:`HISTORY_COLUMNS`).
+
+    ``selection="last"``: the fixed schedule of ``epochs`` epochs on ``train``; the final weights
+    are kept and ``val`` (if given) is only monitored. ``val_loss`` / ``val_c_index``: the epoch
+    with the best patient-level validation loss (or C-index, ties: lower loss) is kept, and
+    training stops after ``patience`` epochs without improvement.
     """
+    if config.selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {config.selection!r}; choose one of {SELECTIONS}")
+    if config.selection != "last" and val is None:
+        raise ValueError(f"selection {config.selection!r} needs validation patients")
     device = next(model.parameters()).device
     torch.manual_seed(seed)  # dropout on CPU uses the global generator
     if device.type == "cuda":
         torch.cuda.manual_seed(seed)
     trainer = Trainer(model, train.to(device), config, seed)
-    val = val.to(device)
+    train_eval = dataclasses.replace(trainer.train, lesion_targets=None)
+    val = None if val is None else val.to(device)
     best_key, best_epoch, best_state, rows, since_best = None, -1, None, [], 0
     bar = tqdm(range(config.epochs), desc=desc, disable=not config.progress, leave=False)
     for epoch in bar:
         trainer.set_epoch_lr(epoch)
         losses = [trainer.step(idx) for idx in trainer.epoch_batches()]
-        train_loss = float(torch.stack(losses).mean())
-        val_loss, val_c = _evaluate(model, val, config.aggregation, trainer.bf16)
-        rows.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_c_index": val_c})
-        key = (np.nan_to_num(val_c, nan=0.5), -val_loss)
+        on_train = _evaluate(model, train_eval, config.aggregation, trainer.bf16)
+        on_val = _evaluate(model, val, config.aggregation, trainer.bf16) if val is not None else {}
+        rows.append({"epoch": epoch, "batch_loss": float(torch.stack(losses).mean()),
+                     "train_loss": on_train["loss"], "train_null_loss": on_train["null_loss"],
+                     "val_loss": on_val.get("loss", np.nan), "val_null_loss": on_val.get("null_loss", np.nan),
+                     "val_c_index": on_val.get("c_index", np.nan)})
+        bar.set_postfix(loss=f"{on_train['loss'] - on_train['null_loss']:+.3f}")
+        if config.selection == "last":
+            continue
+        val_loss = np.nan_to_num(on_val["loss"], nan=np.inf)
+        key = (-val_loss,) if config.selection == "val_loss" else \
+            (np.nan_to_num(on_val["c_index"], nan=0.5), -val_loss)
         if best_key is None or key > best_key:
             best_key, best_epoch, since_best = key, epoch, 0
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             since_best += 1
-        bar.set_postfix(loss=f"{train_loss:.3f}", val_c=f"{val_c:.3f}")
         if since_best >= config.patience:
             break
+    if config.selection == "last":
+        best_epoch = config.epochs - 1
+        best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    return FitResult(copy.deepcopy(best_state), pd.DataFrame(rows), best_epoch, trainer.notes)
+    return FitResult(copy.deepcopy(best_state), pd.DataFrame(rows, columns=list(HISTORY_COLUMNS)),
+                     best_epoch, trainer.notes)
