@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_default_yaml_equals_spec_defaults():
     assert synthetic.load_spec(ROOT / "data_manifest" / "synthetic_default.yaml") == synthetic.Spec()
     assert synthetic.load_spec(None) == synthetic.Spec()
+    assert synthetic.DEFAULT_SPEC_PATH == ROOT / "data_manifest" / "synthetic_default.yaml"
+    assert synthetic.load_spec(synthetic.DEFAULT_SPEC_PATH) == synthetic.Spec()
+
+
+def test_public_api_is_importable_from_the_package():
+    """The package re-exports what the rest of the repo imports from ``psma_lib.synthetic``."""
+    for name in synthetic.__all__:
+        assert getattr(synthetic, name) is not None, name
+    assert {"generate_cohort", "load_truth", "register_cli", "render_patient", "sample_tables",
+            "load_spec", "count_free", "Spec", "ImagingSpec"} <= set(synthetic.__all__)
 
 
 def test_bad_spec_is_one_clear_input_error(tmp_path):
