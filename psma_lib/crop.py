@@ -17,10 +17,13 @@ Lesion centre (``center``):
 * ``"given"``: the manifest's world centre, falling back to the centroid where none is given.
 
 A lesion with a world centre but no mask label is always centred on its given centre; its
-``volume_ml`` and ``suvmax`` are then unknown (NaN, empty in the CSV). ``suvmax`` is the maximum
-of the native PET voxels covering the lesion's label (never of the resampled crop) and
-``volume_ml`` is the label's voxel count times the mask voxel volume. ``lesions.csv`` rounds
-centres to 0.001 mm, ``volume_ml`` and ``suvmax`` to 4 decimals.
+``volume_ml``, ``suvmax`` and ``suvmean`` are then unknown (NaN, empty in the CSV). ``suvmax``
+and ``suvmean`` are the maximum and the mean of the native PET voxels covering the lesion's label
+(never of the resampled crop; each mask voxel reads the PET voxel containing its centre, so on a
+mask grid finer than the PET the mean is volume-weighted) and ``volume_ml`` is the label's voxel
+count times the mask voxel volume. ``lesions.csv`` rounds centres to 0.001 mm, ``volume_ml``,
+``suvmax`` and ``suvmean`` to 4 decimals. Conventional PSMA biomarkers (PSMA-TV, TL-PSMA, ...)
+are derived from these columns by :mod:`psma_lib.biomarkers`.
 
 Output (docs/ARCHITECTURE.md, "Crops directory"): ``crops.npy`` float32
 ``[n_lesions, 2, D, H, W]`` (channel 0 PET, channel 1 CT), ``lesions.csv`` (row i describes
@@ -82,7 +85,7 @@ PATIENTS_FILE = "patients.csv"
 META_FILE = "crops.json"
 LESION_TABLE_COLUMNS = (
     "patient_id", "lesion_id", "site", "center_x_mm", "center_y_mm", "center_z_mm",
-    "volume_ml", "suvmax", "edge",
+    "volume_ml", "suvmax", "suvmean", "edge",
 )
 
 
@@ -95,12 +98,15 @@ class LesionMeasurement:
         suvmax_mm: (x, y, z) world mm of the native PET voxel with the highest SUV in the label.
         volume_ml: label voxel count x mask voxel volume, in mL.
         suvmax: highest native PET voxel value (SUV) in the label.
+        suvmean: mean of the native PET voxel values (SUV) read by the label's voxels (one
+            value per mask voxel inside the PET field of view).
     """
 
     centroid_mm: np.ndarray
     suvmax_mm: np.ndarray
     volume_ml: float
     suvmax: float
+    suvmean: float
 
 
 def measure_lesion(
@@ -110,10 +116,11 @@ def measure_lesion(
     pet: np.ndarray,
     pet_affine: np.ndarray,
 ) -> LesionMeasurement:
-    """Centroid, SUVmax location, volume and SUVmax of one label of a lesion mask.
+    """Centroid, SUVmax location, volume, SUVmax and SUVmean of one label of a lesion mask.
 
     The mask may sit on its own grid: each label voxel is mapped to the PET voxel that contains
-    its centre, so ``suvmax`` is always a native PET voxel value.
+    its centre, so ``suvmax`` is always a native PET voxel value and ``suvmean`` the mean of the
+    values so read (label voxels outside the PET field of view are left out of both).
 
     Args:
         mask: ``(I, J, K)`` integer label map; ``mask_affine`` its voxel -> RAS+ mm matrix.
@@ -126,8 +133,8 @@ def measure_lesion(
     >>> mask = np.zeros((5, 5, 5), np.int32); mask[1:3, 2, 2] = 7
     >>> pet = np.zeros((5, 5, 5), np.float32); pet[2, 2, 2] = 9.0
     >>> m = measure_lesion(mask, np.diag([2.0, 2, 2, 1]), 7, pet, np.diag([2.0, 2, 2, 1]))
-    >>> m.centroid_mm.tolist(), m.suvmax_mm.tolist(), round(m.volume_ml, 6), m.suvmax
-    ([3.0, 4.0, 4.0], [4.0, 4.0, 4.0], 0.016, 9.0)
+    >>> m.centroid_mm.tolist(), m.suvmax_mm.tolist(), round(m.volume_ml, 6), m.suvmax, m.suvmean
+    ([3.0, 4.0, 4.0], [4.0, 4.0, 4.0], 0.016, 9.0, 4.5)
     """
     voxels = np.argwhere(mask == label)
     if len(voxels) == 0:
@@ -153,6 +160,7 @@ def _measure_voxels(
         suvmax_mm=voxel_to_world(pet_affine, pet_voxels[hottest]),
         volume_ml=len(voxels) * voxel_ml,
         suvmax=float(uptake[hottest]),
+        suvmean=float(np.mean(uptake, dtype=np.float64)),
     )
 
 
@@ -217,7 +225,7 @@ class _PatientTask:
 @dataclass
 class _PatientResult:
     crops: np.ndarray | None = None  # [k, 2, D, H, W]
-    stats: list[dict] = field(default_factory=list)  # centre, volume_ml, suvmax, edge per lesion
+    stats: list[dict] = field(default_factory=list)  # centre, volume_ml, suvmax, suvmean, edge
     error: tuple[str, str | None, str | None] | None = None  # InputError (problem, patient, file)
 
 
@@ -291,6 +299,7 @@ def _crop_patient(task: _PatientTask) -> _PatientResult:
             "center_mm": centre,
             "volume_ml": measured.volume_ml if measured else math.nan,
             "suvmax": measured.suvmax if measured else math.nan,
+            "suvmean": measured.suvmean if measured else math.nan,
         })
 
     crops, edge = crop_volumes(pet, pet_affine, ct, ct_affine, np.array(centres),
@@ -373,7 +382,8 @@ def crop_cohort(
                 # Rounded for readable tables: 1 um and 0.1 uL / 1e-4 SUV are far below a voxel.
                 lesion_table.loc[row, list(LESION_TABLE_COLUMNS[3:])] = [
                     round(x, 3), round(y, 3), round(z, 3), round(lesion_stats["volume_ml"], 4),
-                    round(lesion_stats["suvmax"], 4), lesion_stats["edge"]]
+                    round(lesion_stats["suvmax"], 4), round(lesion_stats["suvmean"], 4),
+                    lesion_stats["edge"]]
             bar.update(1)
         bar.close()
 
@@ -486,7 +496,8 @@ class CropSet:
     Attributes:
         images: float32 ``[n, 2, D, H, W]`` (memory-mapped, read-only): channel 0 PET (SUV),
             channel 1 CT (HU), axes along world (+z, +y, +x).
-        lesions: row i describes ``images[i]`` (``LESION_TABLE_COLUMNS``; ids as str).
+        lesions: row i describes ``images[i]`` (``LESION_TABLE_COLUMNS``; ids as str;
+            ``suvmean`` is NaN for a crops directory written before it was measured).
         patients: the cohort's patients table (clinical + outcome; ``patient_id`` as str).
         meta: the ``crops.json`` record (size, spacing, orientation, checksum, provenance, ...).
     """
@@ -552,6 +563,9 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read CSV ({exc})", file=str(crops_dir / name)) from exc
     lesions = tables[LESIONS_FILE]
+    if "suvmean" not in lesions.columns and "suvmax" in lesions.columns:
+        # Crops written before suvmean was measured: still readable, SUVmean unknown (NaN).
+        lesions.insert(lesions.columns.get_loc("suvmax") + 1, "suvmean", np.nan)
     missing = [c for c in LESION_TABLE_COLUMNS if c not in lesions.columns]
     if missing:
         raise InputError(f"missing column(s): {', '.join(missing)}", file=str(crops_dir / LESIONS_FILE))
