@@ -12,9 +12,13 @@ Resume: each fold's seed depends only on ``(seed, fold)``; a fold is done when i
 ``folds/fold<k>/`` exists (written atomically after its checkpoint), so a killed run restarts
 at the first unfinished fold and ends with the same out-of-fold results.
 
-``backbone="coxph"``: the classical baseline, lifelines' CoxPHFitter (Efron ties, ridge penalizer
-0.01 to keep the fit stable with ~80 training patients) on the same median-imputed, standardised
-clinical columns (without the missing indicators) and the same folds.
+``backbone="coxph"``: the classical baselines, lifelines' CoxPHFitter (Efron ties, ridge penalizer
+0.01 to keep the fit stable with ~80 training patients) on the same folds, with ``covariates``:
+``clinical`` (the median-imputed, standardised clinical columns without the missing indicators),
+``count`` (log lesion count alone), ``biomarkers`` (the conventional PSMA PET biomarkers of
+:func:`psma_lib.biomarkers.biomarker_features`: log count, log PSMA-TV, log SUVmax, SUVmean,
+bone fraction) or ``clinical+biomarkers``; biomarkers are standardised with the training fold's
+mean and sd.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from .train import (
 
 AGGREGATIONS = ("mean", "max", "sum", "attention")
 COXPH_PENALIZER = 0.01
+COXPH_COVARIATES = ("clinical", "count", "biomarkers", "clinical+biomarkers")
 FOLD_RESULT_COLUMNS = ("fold", "n_train_patients", "n_val_patients", "n_test_patients", "n_test_events",
                        "c_index", "c_index_lesion", "best_epoch", "seed", "notes")
 
@@ -75,13 +80,14 @@ class CVConfig:
     folds: int = 5
     seed: int = 0
     device: str = "auto"
-    batch_size: int = 64         # patients (unit "patient") or lesions (unit "lesion")
+    batch_size: int = 32         # patients (unit "patient") or lesions (unit "lesion")
     lr: float = 1e-3
     weight_decay: float = 1e-2
     aggregation: str = "sum"
     unit: str = "patient"
-    aux_weight: float = 0.0
+    aux_weight: float = 1.0
     selection: str = "last"
+    covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers
     view: str = "axial"
     val_fraction: float = 0.2
     patience: int = 10
@@ -100,6 +106,10 @@ class CVConfig:
             raise InputError(f"unknown backbone {self.backbone!r}; choose one of {(*BACKBONES, 'coxph')}")
         if self.backbone == "coxph" and self.modality != "clinical":
             raise InputError("backbone coxph is the clinical baseline: use --modality clinical")
+        if self.covariates not in COXPH_COVARIATES:
+            raise InputError(f"unknown covariates {self.covariates!r}; choose one of {COXPH_COVARIATES}")
+        if self.covariates != "clinical" and self.backbone != "coxph":
+            raise InputError(f"covariates {self.covariates!r} are for the coxph baselines only")
         if self.aggregation not in AGGREGATIONS:
             raise InputError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
         if self.unit not in TRAINING_UNITS:
@@ -269,10 +279,29 @@ def _coxph_features(pre: ClinicalPreprocessor, frame: pd.DataFrame) -> np.ndarra
     return pre.transform(frame)[:, :len(pre.columns)].double().numpy()
 
 
-def _fit_coxph(pre: ClinicalPreprocessor, train: pd.DataFrame):
+def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
+                 train_ids: list[str]) -> Callable[[list[str]], np.ndarray]:
+    """``ids -> [n, k]`` design matrix of a Cox baseline, every scaling fitted on ``train_ids``."""
+    from .biomarkers import biomarker_features, patient_biomarkers
+
+    by_id = patients.set_index("patient_id")
+    parts = []
+    if covariates in ("clinical", "clinical+biomarkers"):
+        pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
+        parts.append(lambda ids: _coxph_features(pre, by_id.loc[ids].reset_index()))
+    if covariates != "clinical":
+        table = biomarker_features(patient_biomarkers(lesions, patients["patient_id"])).set_index("patient_id")
+        if covariates == "count":
+            table = table[["log_lesion_count"]]
+        mean, sd = table.loc[train_ids].mean(), table.loc[train_ids].std(ddof=0).replace(0.0, 1.0)
+        parts.append(lambda ids: ((table.loc[ids] - mean) / sd).to_numpy(float))
+    return lambda ids: np.column_stack([part(ids) for part in parts])
+
+
+def _fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
+    """Cox coefficients for design ``x`` of the training patients ``train`` (pfs_months, event)."""
     from lifelines import CoxPHFitter
 
-    x = _coxph_features(pre, train)
     keep = x.std(axis=0) > 1e-8  # e.g. a treatment nobody in this fold received
     names = [f"x{j}" for j in np.flatnonzero(keep)]
     frame = pd.DataFrame(x[:, keep], columns=names)
@@ -281,6 +310,15 @@ def _fit_coxph(pre: ClinicalPreprocessor, train: pd.DataFrame):
     coef = np.zeros(x.shape[1])
     coef[keep] = cph.params_[names].to_numpy()
     return coef
+
+
+def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
+    """The untrained model a run of ``config`` trains (and its checkpoints hold)."""
+    image_model = config.modality != "clinical"
+    return SurvivalModel(config.modality, config.backbone if image_model else "resnet18",
+                         n_clinical=n_clinical, view=config.view,
+                         attention=config.aggregation == "attention" and image_model,
+                         n_aux=len(AUX_TARGETS) if config.aux_weight > 0 and image_model else 0)
 
 
 def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device, out_dir: Path,
@@ -298,9 +336,10 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
     history = pd.DataFrame(columns=list(HISTORY_COLUMNS))
     best_epoch, notes, n_val = -1, [], 0
     if config.backbone == "coxph":
-        coef = _fit_coxph(pre, by_id.loc[train_ids].reset_index())
+        design = coxph_design(config.covariates, patients, lesions, train_ids)
+        coef = _fit_coxph(design(train_ids), by_id.loc[train_ids].reset_index())
         tensors["coxph.coef"] = torch.tensor(coef)
-        score = lambda ids: _coxph_features(pre, by_id.loc[ids].reset_index()) @ coef  # noqa: E731
+        score = lambda ids: design(ids) @ coef  # noqa: E731
         test_risk, train_risk = score(test_ids), score(train_ids)
         test_les = lesions[lesions["patient_id"].isin(test_ids)].reset_index(drop=True)
         test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
@@ -322,10 +361,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
             if ids:
                 data[name] = _subset(patients, lesions, images, clin(ids) if use_clin else None, ids,
                                      targets if name == "train" else None)
-        model = SurvivalModel(config.modality, config.backbone if config.modality != "clinical" else "resnet18",
-                              n_clinical=pre.n_features, view=config.view,
-                              attention=config.aggregation == "attention" and config.modality != "clinical",
-                              n_aux=len(AUX_TARGETS) if use_aux else 0)
+        model = make_model(config, pre.n_features)
         if config.weights and model.encoder is not None:
             load_pretrained(model, config.weights)
         model.to(device)
@@ -493,6 +529,8 @@ def register_cli(subparsers) -> None:
                    help="weight of the auxiliary lesion regression (measured log SUVmax, log volume)")
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                    help="last = fixed schedule on the whole training fold (default); val_* = inner split")
+    p.add_argument("--covariates", choices=COXPH_COVARIATES, default=d.covariates,
+                   help="what the coxph baseline is fitted on (default clinical)")
     p.add_argument("--view", choices=VIEWS, default=d.view)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--patience", type=int, default=d.patience)

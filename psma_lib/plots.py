@@ -156,28 +156,35 @@ def fused_montage(planes: np.ndarray, titles: Sequence[str], *, spacing_mm: floa
 
 @_book_style
 def learning_curves(history: pd.DataFrame) -> Figure:
-    """Training/validation Cox loss and validation C-index per epoch, one line per fold.
+    """Patient-level Cox loss relative to a constant-risk model per epoch, one line per fold.
 
-    ``history``: ``fold, epoch, train_loss, val_loss, val_c_index`` (``history.csv``).
+    ``history``: ``history.csv`` (``fold, epoch, train_loss, train_null_loss`` and, with an inner
+    validation split, ``val_loss, val_null_loss, val_c_index``). The Cox loss per event grows with
+    the log of the risk-set size, so losses of sets of different size (training fold vs a small
+    validation set) are only comparable as ``loss - null loss``: 0 is a model that knows nothing,
+    below 0 is better. With validation data a second panel shows its C-index.
     """
-    fig, (ax_loss, ax_c) = plt.subplots(2, 1, figsize=(9, 8))
+    has_val = "val_loss" in history and history["val_loss"].notna().any()
+    fig, axes = plt.subplots(2 if has_val else 1, 1, figsize=(9, 8 if has_val else 4.5), squeeze=False)
+    ax_loss = axes[0, 0]
     colors = plt.get_cmap("tab10")
     for i, (fold, g) in enumerate(history.groupby("fold")):
         g = g.sort_values("epoch")
-        ax_loss.plot(g["epoch"], g["train_loss"], color=colors(i), label=f"fold {fold} train")
-        if "val_loss" in g:
-            ax_loss.plot(g["epoch"], g["val_loss"], color=colors(i), ls="--",
+        ax_loss.plot(g["epoch"], g["train_loss"] - g["train_null_loss"], color=colors(i),
+                     label=f"fold {fold} training patients")
+        if has_val:
+            ax_loss.plot(g["epoch"], g["val_loss"] - g["val_null_loss"], color=colors(i), ls="--",
                          label=f"fold {fold} validation")
-        if "val_c_index" in g:
-            ax_c.plot(g["epoch"], g["val_c_index"], color=colors(i), marker="o", ms=3,
-                      label=f"fold {fold}")
-    ax_loss.set(xlabel="epoch", ylabel="Cox loss (−log partial likelihood / event)",
-                title="Loss (solid: training, dashed: inner validation)")
-    ax_c.axhline(0.5, color="black", lw=0.8, ls=":", label="chance (0.5)")
-    ax_c.set(xlabel="epoch", ylabel="validation C-index (patient level)",
-             title="Inner-validation C-index")
+            axes[1, 0].plot(g["epoch"], g["val_c_index"], color=colors(i), marker="o", ms=3, label=f"fold {fold}")
+    ax_loss.axhline(0.0, color="black", lw=0.8, ls=":", label="constant risk (0)")
+    ax_loss.set(xlabel="epoch", ylabel="Cox loss − constant-risk loss (per event)",
+                title="Patient-level loss relative to a model that knows nothing"
+                      + (" (dashed: inner validation)" if has_val else ""))
     ax_loss.legend(fontsize=8, ncol=2)
-    ax_c.legend(fontsize=8)
+    if has_val:
+        axes[1, 0].axhline(0.5, color="black", lw=0.8, ls=":", label="chance (0.5)")
+        axes[1, 0].set(xlabel="epoch", ylabel="validation C-index (patient level)", title="Inner-validation C-index")
+        axes[1, 0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 

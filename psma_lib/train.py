@@ -96,7 +96,7 @@ class TrainConfig:
     """Optimisation settings (see :func:`fit`)."""
 
     epochs: int = 30
-    batch_size: int = 64         # patients (unit "patient") or lesions (unit "lesion")
+    batch_size: int = 32         # patients (unit "patient") or lesions (unit "lesion")
     lr: float = 1e-3
     weight_decay: float = 1e-2
     aggregation: str = "sum"
@@ -218,11 +218,11 @@ def _unit(model: SurvivalModel, unit: str = "patient") -> str:
 
 def _forward(model: SurvivalModel, batch: Batch, aggregation: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(log-hazards of the batch's units, auxiliary lesion predictions or None)."""
-    if batch.bags is not None:
-        return model.forward_bags(batch.images, batch.bags[0], batch.bags[1], batch.clinical, aggregation)
     if model.modality == "clinical":
         return model(None, batch.clinical), None
     clinical = None if model.modality == "imaging" else batch.clinical
+    if batch.bags is not None:
+        return model.forward_bags(batch.images, batch.bags[0], batch.bags[1], clinical, aggregation)
     return model.forward_with_aux(batch.images, clinical)
 
 
@@ -292,7 +292,7 @@ def patient_loss(risk: np.ndarray, data: SurvivalData) -> tuple[float, float]:
     time, event = data.time.double().cpu(), data.event.cpu()
     if int(event.sum()) == 0:
         return float("nan"), float("nan")
-    loss = float(neg_partial_log_likelihood(torch.from_numpy(risk), time, event))
+    loss = float(neg_partial_log_likelihood(torch.tensor(risk, dtype=torch.float64), time, event))
     null = float(neg_partial_log_likelihood(torch.zeros(len(risk), dtype=torch.float64), time, event))
     return loss, null
 

@@ -12,12 +12,13 @@ import torch
 from lifelines import CoxPHFitter
 from safetensors.torch import load_file
 from scipy.special import logsumexp
+from scipy.stats import spearmanr
 
 from psma_lib.crop import load_crops
-from psma_lib.cv import CVConfig, check_folds, load_checkpoint, make_folds, run_cv
+from psma_lib.cv import CVConfig, check_folds, load_checkpoint, make_folds, make_model, run_cv
 from psma_lib.errors import InputError
-from psma_lib.models import SurvivalModel
-from psma_lib.train import SurvivalData, predict
+from psma_lib.evaluation import concordance_index as harrell_c
+from psma_lib.train import HISTORY_COLUMNS, SurvivalData, predict
 
 TINY = dict(epochs=2, folds=3, batch_size=16, seed=5, progress=False, device="cpu", num_threads=1)
 
@@ -76,7 +77,9 @@ def test_outputs_follow_the_contract(imaging_run, tiny_crops):
     expected = concordance_index(fold0["pfs_months"], -fold0["risk"], fold0["event"])
     assert results.loc[0, "c_index"] == pytest.approx(expected)
     history = _read(out, "history.csv")
-    assert set(history.columns) == {"fold", "epoch", "train_loss", "val_loss", "val_c_index"}
+    assert list(history.columns) == ["fold", *HISTORY_COLUMNS]
+    assert history["val_loss"].isna().all()  # fixed schedule: no inner validation split
+    assert (results["n_val_patients"] == 0).all() and (results["best_epoch"] == TINY["epochs"] - 1).all()
     config = json.loads((out / "config.json").read_text())
     assert config["data_checksum"] == crops.meta["data_checksum"]
     assert config["config"]["modality"] == "imaging" and "versions" in config["provenance"]
@@ -128,7 +131,7 @@ def test_checkpoint_round_trip_reproduces_oof(imaging_run, tiny_crops):
     out = imaging_run.out_dir
     state, pre, config = load_checkpoint(out / "checkpoints" / "fold0.safetensors")
     assert config["modality"] == "imaging"
-    model = SurvivalModel("imaging", "resnet18")
+    model = make_model(CVConfig(**config), pre.n_features)
     model.load_state_dict(state)
     crops = load_crops(tiny_crops)
     oof = imaging_run.oof[imaging_run.oof["fold"] == 0]
@@ -182,15 +185,43 @@ def test_coxph_baseline_same_folds_matches_lifelines(imaging_run, tiny_crops, tm
     assert np.allclose(got.to_numpy(), expected.to_numpy(), atol=1e-4)
 
 
+def test_count_baseline_ranks_by_lesion_count_and_biomarkers_scale_on_training_folds(tiny_crops, tmp_path):
+    from psma_lib.cv import coxph_design
+
+    count = run_cv(tiny_crops, tmp_path / "count", CVConfig(modality="clinical", backbone="coxph",
+                                                           covariates="count", **TINY))
+    crops = load_crops(tiny_crops)
+    n_lesions = crops.lesions.groupby("patient_id").size()
+    for _, g in count.oof.groupby("fold"):  # a one-covariate Cox model is monotone in log count
+        rho = spearmanr(g["risk"], np.log(n_lesions.loc[g["patient_id"]]))[0]
+        assert abs(rho) == pytest.approx(1.0)
+    patients, lesions = crops.patients.astype({"patient_id": str}), crops.lesions.astype({"patient_id": str})
+    ids = sorted(patients["patient_id"])
+    design = coxph_design("clinical+biomarkers", patients, lesions, ids[:16])
+    x = design(ids)
+    assert x.shape == (24, 10 + 5)
+    assert np.allclose(x[:16, 10:].mean(axis=0), 0) and np.allclose(x[:16, 10:].std(axis=0), 1)
+    moved = lesions.assign(volume_ml=np.where(lesions["patient_id"].isin(ids[16:]), 1e3, lesions["volume_ml"]))
+    assert np.array_equal(coxph_design("biomarkers", patients, moved, ids[:16])(ids[:16]), x[:16, 10:])
+    with pytest.raises(InputError, match="coxph baselines only"):
+        CVConfig(modality="imaging", covariates="count").validate()
+
+
 @pytest.mark.parametrize("config", [
-    CVConfig(modality="clinical", **TINY),
-    CVConfig(modality="multimodal", aggregation="attention", **TINY),
-    CVConfig(modality="imaging", backbone="r3d_18", aggregation="max", **{**TINY, "epochs": 1}),
-], ids=["clinical-mlp", "multimodal-attention", "r3d_18-max"])
-def test_other_modalities_and_backbones_run(config, tiny_crops, tmp_path):
+    CVConfig(modality="multimodal", aggregation="attention", **{**TINY, "epochs": 8, "lr": 3e-3, "augment": False}),
+    CVConfig(modality="imaging", backbone="r3d_18", aggregation="max",
+             **{**TINY, "epochs": 8, "lr": 3e-3, "augment": False}),
+], ids=["multimodal-attention", "r3d_18-max"])
+def test_other_models_fit_their_training_patients(config, tiny_crops, tmp_path):
+    """A model that trains at all ranks its own training patients well (24 patients, 8 epochs):
+    a constant, detached or shuffled output stays near 0.5 here."""
     result = run_cv(tiny_crops, tmp_path / "cv", config)
     assert len(result.oof) == 24 and np.isfinite(result.oof["risk"]).all()
-    assert 0 <= result.c_index_pooled <= 1
+    train = _read(result.out_dir, "train_predictions.csv")
+    patients = load_crops(tiny_crops).patients.set_index("patient_id")
+    c_train = [harrell_c(patients.loc[g["patient_id"], "pfs_months"].to_numpy(), g["risk"].to_numpy(),
+                         patients.loc[g["patient_id"], "event"].to_numpy()) for _, g in train.groupby("fold")]
+    assert min(c_train) > 0.75, c_train
 
 
 def test_cli_runs_and_reports(tiny_crops, tmp_path, capsys):
@@ -243,55 +274,99 @@ def test_bad_input_one_clear_error_and_no_output(tiny_crops, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Control cohorts: small generated cohorts with a known signal (slow: generation + 5 short CVs)
+# Control cohorts: small generated cohorts with a known signal (slow: generation + short CVs)
 # ---------------------------------------------------------------------------------------------
 
-# max aggregation: the most aggressive lesion carries the uptake signal; tuned once on seed 11
-CONTROL = dict(epochs=12, folds=5, batch_size=16, seed=0, patience=12, aggregation="max", progress=False,
-               device="cpu", num_threads=1)
+CONTROL = dict(epochs=12, folds=5, batch_size=16, seed=0, progress=False, device="cpu")
+# lesion count carries no information (4 lesions each); the clinical control has a strong
+# clinical signal (oracle C >= 0.75) and PSA uncoupled from tumour burden, so an honest imaging
+# model has nothing to find there and a leak of clinical data would show
+STRONG_CLINICAL = {"psa": 0.9, "ecog": 0.8, "gleason": 0.7, "age": 0.2, "docetaxel": 0.4, "lu_psma": 0.6}
+
+
+def _control_spec(name: str):
+    from psma_lib.synthetic import ClinicalSpec, ImagingSpec, OutcomeSpec, Spec, count_free
+
+    coarse = ImagingSpec(phantom_spacing_mm=[4.0, 4.0, 3.0], ct_inplane_mm=[3.0, 3.0])
+    if name == "count_free_imaging":
+        return count_free(Spec(imaging=coarse), 4), "imaging", 100
+    if name == "strong_clinical":
+        spec = Spec(imaging=coarse, clinical=ClinicalSpec(psa_burden_correlation=0.0),
+                    outcome=OutcomeSpec(clinical_coefficients=STRONG_CLINICAL))
+        return count_free(spec, 4), "clinical", 80
+    return Spec(imaging=coarse), "none", 60
 
 
 @pytest.fixture(scope="module")
 def control_crops(tmp_path_factory):
-    """``signal -> crops dir`` of a 60-patient cohort, generated once per module and signal.
-
-    Coarser phantom/CT grids than the default spec and 32 mm / 2 mm crops keep it fast; the PET
-    grid and the outcome model are the default's.
-    """
+    """``name -> (crops dir, cohort dir)``, generated once per module; 32 mm / 2 mm crops."""
     from psma_lib.crop import crop_cohort
-    from psma_lib.synthetic import ImagingSpec, Spec, generate_cohort
+    from psma_lib.synthetic import generate_cohort
 
     root = tmp_path_factory.mktemp("control")
     made = {}
 
-    def get(signal: str):
-        if signal not in made:
-            spec = Spec(imaging=ImagingSpec(phantom_spacing_mm=[4.0, 4.0, 3.0], ct_inplane_mm=[3.0, 3.0]))
-            manifest = generate_cohort(root / signal / "cohort", n_patients=60, seed=11, signal=signal,
-                                       spec=spec, progress=False)
-            made[signal] = crop_cohort(manifest, root / signal / "crops", size_mm=32, spacing_mm=2,
+    def get(name: str):
+        if name not in made:
+            spec, signal, n = _control_spec(name)
+            manifest = generate_cohort(root / name / "cohort", n_patients=n, seed=11, signal=signal, spec=spec,
                                        progress=False)
-        return made[signal]
+            made[name] = (crop_cohort(manifest, root / name / "crops", size_mm=32, spacing_mm=2, progress=False),
+                          root / name / "cohort")
+        return made[name]
 
     return get
 
 
-@pytest.mark.slow
-def test_control_imaging_signal_is_found_by_imaging_model(control_crops, tmp_path):
-    result = run_cv(control_crops("imaging"), tmp_path / "cv", CVConfig(modality="imaging", **CONTROL))
-    assert result.c_index_pooled > 0.58, result.fold_results
+def _fold_mean(result) -> float:
+    return float(result.fold_results["c_index"].mean())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modality,backbone", [("imaging", "resnet18"), ("multimodal", "resnet18"),
-                                               ("clinical", "resnet18"), ("clinical", "coxph")])
+def test_imaging_model_beats_noise_outputs_on_a_count_free_cohort(control_crops, tmp_path):
+    from psma_lib.recovery import noise_baseline
+
+    crops, _ = control_crops("count_free_imaging")
+    result = run_cv(crops, tmp_path / "cv", CVConfig(modality="imaging", **CONTROL))
+    lesions = load_crops(crops).lesions.astype({"patient_id": str})
+    noise = noise_baseline(result.oof.reset_index(drop=True), lesions, "sum", n_draws=200, seed=0)
+    assert _fold_mean(result) > noise["p95"] + 0.03, (result.fold_results, noise["p95"])
+
+
+@pytest.mark.slow
+def test_clinical_signal_does_not_reach_the_imaging_model(control_crops, tmp_path):
+    from psma_lib.recovery import fold_mean_c, noise_baseline
+    from psma_lib.synthetic import load_truth
+
+    crops, cohort = control_crops("strong_clinical")
+    coxph = run_cv(crops, tmp_path / "coxph", CVConfig(modality="clinical", backbone="coxph", **CONTROL))
+    oof = coxph.oof.reset_index(drop=True)
+    oracle = fold_mean_c(oof, load_truth(cohort).set_index("patient_id")["linear_predictor"])
+    assert oracle >= 0.75 and _fold_mean(coxph) >= 0.70  # the signal is there, and learnable
+    imaging = run_cv(crops, tmp_path / "imaging", CVConfig(modality="imaging", **CONTROL))
+    noise = noise_baseline(oof, load_crops(crops).lesions.astype({"patient_id": str}), "sum", n_draws=200)
+    assert _fold_mean(imaging) < noise["p95"], (imaging.fold_results, noise["p95"])
+
+
+@pytest.mark.slow
+def test_clinical_mlp_learns_a_strong_clinical_signal(control_crops, tmp_path):
+    crops, _ = control_crops("strong_clinical")
+    config = CVConfig(modality="clinical", **{**CONTROL, "epochs": 150, "lr": 3e-3})
+    assert _fold_mean(run_cv(crops, tmp_path / "mlp", config)) >= 0.68
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality,backbone", [("multimodal", "resnet18"), ("clinical", "coxph")])
 def test_control_no_signal_stays_near_half(modality, backbone, control_crops, tmp_path):
-    config = CVConfig(modality=modality, backbone=backbone, **CONTROL)
-    result = run_cv(control_crops("none"), tmp_path / "cv", config)
-    assert abs(result.c_index_pooled - 0.5) < 0.12, result.fold_results
+    crops, _ = control_crops("none")
+    result = run_cv(crops, tmp_path / "cv", CVConfig(modality=modality, backbone=backbone, **CONTROL))
+    assert abs(_fold_mean(result) - 0.5) < 0.1, result.fold_results
 
 
-@pytest.mark.slow
-def test_control_clinical_signal_does_not_reach_imaging_model(control_crops, tmp_path):
-    imaging = run_cv(control_crops("clinical"), tmp_path / "cv", CVConfig(modality="imaging", **CONTROL))
-    assert abs(imaging.c_index_pooled - 0.5) < 0.12, imaging.fold_results
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cv_on_cuda_trains_patient_bags_with_auxiliary_targets(tiny_crops, tmp_path):
+    config = CVConfig(modality="multimodal", **{**TINY, "device": "cuda", "epochs": 3})
+    result = run_cv(tiny_crops, tmp_path / "cv", config)
+    assert np.isfinite(result.oof["risk"]).all() and result.fold_results["notes"].fillna("").eq("").all()
+    history = _read(result.out_dir, "history.csv")
+    assert np.isfinite(history["train_loss"]).all()

@@ -65,12 +65,17 @@ def test_fused_montage_draws_ct_then_pet_per_tile_with_a_suv_colourbar():
     assert letters == {"R", "L", "A", "P"}
 
 
-def test_learning_curves_label_loss_and_c_index():
-    history = pd.DataFrame({"fold": [0, 0, 1, 1], "epoch": [1, 2, 1, 2], "train_loss": [2.0, 1.5, 2.1, 1.6],
-                            "val_loss": [2.2, 2.0, 2.3, 2.1], "val_c_index": [0.55, 0.6, 0.5, 0.62]})
+def test_learning_curves_plot_losses_relative_to_the_null_model():
+    history = pd.DataFrame({"fold": [0, 0, 1, 1], "epoch": [1, 2, 1, 2], "train_loss": [3.0, 2.5, 3.1, 2.6],
+                            "train_null_loss": [3.2] * 4, "val_loss": [2.2, 2.0, 2.3, 2.1],
+                            "val_null_loss": [2.3] * 4, "val_c_index": [0.55, 0.6, 0.5, 0.62]})
     fig = plots.learning_curves(history)
     assert all(_labelled(ax) and ax.get_legend() is not None for ax in fig.axes)
     assert "loss" in fig.axes[0].get_ylabel().lower() and "C-index" in fig.axes[1].get_ylabel()
+    first = fig.axes[0].get_lines()[0].get_ydata()  # fold 0, training: loss - null on one scale
+    assert np.allclose(first, [3.0 - 3.2, 2.5 - 3.2])
+    fixed = plots.learning_curves(history.assign(val_loss=np.nan, val_null_loss=np.nan, val_c_index=np.nan))
+    assert len(fixed.axes) == 1  # fixed schedule: no validation panel
 
 
 def test_per_fold_c_index_shows_every_fold_and_the_reference_lines():
