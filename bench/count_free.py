@@ -76,9 +76,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--patients", type=int, default=150)
     parser.add_argument("--epochs", type=int, default=CVConfig().epochs)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=Path("_build/bench/count_free"))
     args = parser.parse_args()
-    config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, progress=False)
+    config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, num_threads=args.threads,
+                      progress=False)
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)
     cols = ["seed", "imaging_resnet18", "noise_mean", "noise_p95", "total_volume", "max_suvmax", "oracle",

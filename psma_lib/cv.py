@@ -88,6 +88,7 @@ class CVConfig:
     aux_weight: float = 1.0
     selection: str = "last"
     covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers
+    flip_average: bool = False    # test-time augmentation: mean log-hazard over in-plane flips
     view: str = "axial"
     val_fraction: float = 0.2
     patience: int = 10
@@ -344,7 +345,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         test_les = lesions[lesions["patient_id"].isin(test_ids)].reset_index(drop=True)
         test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
     else:
-        if config.selection == "last":  # fixed schedule: the model sees every training patient
+        if config.selection in ("last", "average"):  # fixed schedule: every training patient
             inner_train, inner_val = train_ids, []
         else:
             inner_train, inner_val = _inner_split(np.array(train_ids), by_id.loc[train_ids, "event"].to_numpy(),
@@ -377,8 +378,9 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         result = fit(model, data["train"][0], val_data, train_cfg, seed, desc=f"{progress_desc} fold {k}")
         history, best_epoch, notes = result.history, result.best_epoch, result.notes
         tensors.update({f"model.{n}": t.contiguous() for n, t in result.state_dict.items()})
-        test_risk, test_lh = predict(model, data["test"][0].to(device), aggregation, bf16=train_cfg.bf16)
-        train_risk, _ = predict(model, data["fold_train"][0].to(device), aggregation, bf16=train_cfg.bf16)
+        scoring = dict(bf16=train_cfg.bf16, flip_average=config.flip_average)
+        test_risk, test_lh = predict(model, data["test"][0].to(device), aggregation, **scoring)
+        train_risk, _ = predict(model, data["fold_train"][0].to(device), aggregation, **scoring)
         test_les = data["test"][1]
         if test_lh is None:  # clinical model: each lesion carries its patient's log-hazard
             test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
@@ -531,6 +533,8 @@ def register_cli(subparsers) -> None:
                    help="last = fixed schedule on the whole training fold (default); val_* = inner split")
     p.add_argument("--covariates", choices=COXPH_COVARIATES, default=d.covariates,
                    help="what the coxph baseline is fitted on (default clinical)")
+    p.add_argument("--flip-average", action="store_true",
+                   help="score each lesion as the mean over its in-plane flips (test-time augmentation)")
     p.add_argument("--view", choices=VIEWS, default=d.view)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--patience", type=int, default=d.patience)

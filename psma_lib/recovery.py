@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from .evaluation import concordance_index
+from .metrics import fold_mean_c_index
 from .models import aggregate_lesion_risks
 
 TRUTH_TARGETS = ("log_volume", "log_suvmax", "bone", "necrosis")
@@ -41,15 +41,14 @@ def noise_risks(lesions: pd.DataFrame, aggregation: str = "sum", seed: int = 0) 
 
 
 def fold_mean_c(patients: pd.DataFrame, risk: pd.Series | np.ndarray) -> float:
-    """Mean over folds of the patient-level C-index within each fold.
+    """:func:`psma_lib.metrics.fold_mean_c_index` of a patient table.
 
-    ``patients``: ``patient_id, fold, pfs_months, event``; ``risk`` aligned with its rows (or a
-    Series indexed by patient).
+    ``patients``: ``patient_id, fold, pfs_months, event``; ``risk`` aligned with its rows, or a
+    Series indexed by patient (e.g. a truth column or a per-patient feature).
     """
     r = risk.reindex(patients["patient_id"]).to_numpy() if isinstance(risk, pd.Series) else np.asarray(risk)
-    cs = [concordance_index(g["pfs_months"].to_numpy(), r[g.index], g["event"].to_numpy())
-          for _, g in patients.reset_index(drop=True).groupby("fold")]
-    return float(np.mean(cs))
+    return fold_mean_c_index(patients["pfs_months"].to_numpy(), patients["event"].to_numpy(), r,
+                             patients["fold"].to_numpy())
 
 
 def noise_baseline(patients: pd.DataFrame, lesions: pd.DataFrame, aggregation: str = "sum",
