@@ -17,7 +17,7 @@ from psma_lib.crop import load_crops
 from psma_lib.cv import CVConfig, check_folds, load_checkpoint, make_folds, run_cv
 from psma_lib.errors import InputError
 from psma_lib.models import SurvivalModel
-from psma_lib.train import SurvivalData, predict
+from psma_lib.train import HISTORY_COLUMNS, SurvivalData, predict
 
 TINY = dict(epochs=2, folds=3, batch_size=16, seed=5, progress=False, device="cpu", num_threads=1)
 
@@ -76,7 +76,7 @@ def test_outputs_follow_the_contract(imaging_run, tiny_crops):
     expected = concordance_index(fold0["pfs_months"], -fold0["risk"], fold0["event"])
     assert results.loc[0, "c_index"] == pytest.approx(expected)
     history = _read(out, "history.csv")
-    assert set(history.columns) == {"fold", "epoch", "train_loss", "val_loss", "val_c_index"}
+    assert list(history.columns) == ["fold", *HISTORY_COLUMNS]
     config = json.loads((out / "config.json").read_text())
     assert config["data_checksum"] == crops.meta["data_checksum"]
     assert config["config"]["modality"] == "imaging" and "versions" in config["provenance"]
