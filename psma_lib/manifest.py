@@ -32,6 +32,7 @@ import yaml
 
 from .errors import InputError, ValidationFailed, format_problem
 from .io import atomic_path, sha256_file, write_csv
+from .vocabulary import CLINICAL_COLUMNS, OUTCOME_COLUMNS, SITES, TREATMENT_COLUMNS
 
 MANIFEST_NAME = "manifest.yaml"
 MANIFEST_FORMAT = "psma-pfs-manifest"
@@ -39,19 +40,12 @@ MANIFEST_VERSION = 1
 
 TABLE_NAMES = ("patients", "images", "lesions")
 
-CLINICAL_COLUMNS = (
-    "age", "bmi", "ecog", "psa", "gleason",
-    "adt", "arpi", "docetaxel", "radiotherapy", "lu_psma",
-)
-TREATMENT_COLUMNS = ("adt", "arpi", "docetaxel", "radiotherapy", "lu_psma")
-OUTCOME_COLUMNS = ("pfs_months", "event")
 PATIENT_COLUMNS = ("patient_id", *CLINICAL_COLUMNS, *OUTCOME_COLUMNS)
 IMAGE_KINDS = ("pet", "ct", "mask")
 _KIND_NAMES = {"pet": "PET", "ct": "CT", "mask": "mask"}
 IMAGE_COLUMNS = ("patient_id", "pet", "pet_sha256", "ct", "ct_sha256", "mask", "mask_sha256")
 CENTER_COLUMNS = ("center_x_mm", "center_y_mm", "center_z_mm")
 LESION_COLUMNS = ("patient_id", "lesion_id", "mask_label", *CENTER_COLUMNS, "site")
-SITES = ("bone", "lymph_node", "prostate", "visceral")
 
 TABLE_COLUMNS = {"patients": PATIENT_COLUMNS, "images": IMAGE_COLUMNS, "lesions": LESION_COLUMNS}
 TABLE_FILES = {name: f"{name}.csv" for name in TABLE_NAMES}

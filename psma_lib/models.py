@@ -44,15 +44,15 @@ import torchvision
 from torch import nn
 
 from .errors import InputError
-
-BACKBONES_2D = ("resnet18", "resnet34", "resnet50")
-BACKBONES_3D = ("r3d_18",)
-BACKBONES = BACKBONES_2D + BACKBONES_3D
-MODALITIES = ("clinical", "imaging", "multimodal")
-VIEWS = ("axial", "orthogonal")
-CLINICAL_COLUMNS = (
-    "age", "bmi", "ecog", "psa", "gleason", "adt", "arpi", "docetaxel", "radiotherapy", "lu_psma",
+from .vocabulary import (
+    BACKBONES,
+    BACKBONES_3D,
+    CLINICAL_COLUMNS,
+    LESION_AGGREGATIONS,
+    MODALITIES,
+    VIEWS,
 )
+
 # PSA is log-normal (ng/mL over 4 orders of magnitude): log1p before scaling.
 LOG_COLUMNS = ("psa",)
 
@@ -275,9 +275,6 @@ class SurvivalModel(nn.Module):
         pooled = torch.zeros(n_bags, emb.shape[1], device=emb.device, dtype=emb.dtype)
         pooled = pooled.index_add(0, bag_index, emb * weight.unsqueeze(1))
         return self._head(pooled, clinical), aux
-
-
-LESION_AGGREGATIONS = ("mean", "max", "sum")
 
 
 def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags: int,

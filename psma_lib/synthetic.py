@@ -69,12 +69,10 @@ from scipy import ndimage
 
 from .errors import InputError
 from .io import atomic_dir
+from .vocabulary import CLINICAL_COLUMNS, SITES
+from .vocabulary import TREATMENT_COLUMNS as TREATMENTS
 
 SIGNALS = ("both", "imaging", "clinical", "none")
-SITES = ("bone", "lymph_node", "prostate", "visceral")
-CLINICAL_COLUMNS = ("age", "bmi", "ecog", "psa", "gleason", "adt", "arpi", "docetaxel",
-                    "radiotherapy", "lu_psma")
-TREATMENTS = ("adt", "arpi", "docetaxel", "radiotherapy", "lu_psma")
 DEFAULT_SPEC_PATH = Path(__file__).resolve().parent.parent / "data_manifest" / "synthetic_default.yaml"
 
 # Independent random streams per patient (numpy SeedSequence spawn keys): results do not depend
