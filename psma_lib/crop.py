@@ -489,16 +489,23 @@ class CropSet:
         lesions: row i describes ``images[i]`` (``LESION_TABLE_COLUMNS``; ids as str).
         patients: the cohort's patients table (clinical + outcome; ``patient_id`` as str).
         meta: the ``crops.json`` record (size, spacing, orientation, checksum, provenance, ...).
+        root: the crops directory it was loaded from.
     """
 
     images: np.ndarray
     lesions: pd.DataFrame
     patients: pd.DataFrame
     meta: dict
+    root: Path | None = None
 
     @property
     def n_lesions(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def synthetic(self) -> bool:
+        """The cohort's own flag, copied into ``crops.json``: True for a generated cohort."""
+        return bool(self.meta.get("synthetic", False))
 
     def planes(self, view: View = "axial") -> np.ndarray:
         """2-D planes through each crop's centre voxel, float32 ``[n, 2, H', W']``.
@@ -570,7 +577,8 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
     if unknown:
         raise InputError(f"lesions of patients missing from patients.csv: {', '.join(unknown[:5])}",
                          file=str(crops_dir / PATIENTS_FILE))
-    return CropSet(images=images, lesions=lesions, patients=tables[PATIENTS_FILE], meta=meta)
+    return CropSet(images=images, lesions=lesions, patients=tables[PATIENTS_FILE], meta=meta,
+                   root=crops_dir)
 
 
 # ---------------------------------------------------------------------------------------------

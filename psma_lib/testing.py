@@ -1,0 +1,79 @@
+"""Tiny inputs in the pipeline's formats, for the tests and the docstring examples.
+
+>>> import tempfile
+>>> from psma_lib.crop import load_crops
+>>> load_crops(write_tiny_crops(Path(tempfile.mkdtemp()), n_patients=6, size=4)).images.shape[1:]
+(2, 4, 4, 4)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .vocabulary import TREATMENT_COLUMNS
+
+
+def write_tiny_crops(root: Path, *, n_patients: int = 24, size: int = 16, seed: int = 0) -> Path:
+    """A crops directory (crops.npy, lesions.csv, patients.csv, crops.json) with random data.
+
+    1-3 lesions per patient; PET ~ SUV 0-20 with a hot centre, CT ~ -100..1000 HU; clinical
+    columns with a few missing values; outcome with ~60 % events.
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    pids = [f"P{i:03d}" for i in range(n_patients)]
+    patients = pd.DataFrame({
+        "patient_id": pids,
+        "age": rng.normal(70, 8, n_patients).round(), "bmi": rng.normal(27, 4, n_patients).round(1),
+        "ecog": rng.integers(0, 3, n_patients), "psa": np.exp(rng.normal(2, 1.5, n_patients)).round(2),
+        "gleason": rng.integers(6, 11, n_patients),
+        **{c: rng.integers(0, 2, n_patients) for c in TREATMENT_COLUMNS},
+        "pfs_months": rng.exponential(20, n_patients).round(2) + 0.5,
+        "event": (rng.random(n_patients) < 0.6).astype(int),
+    })
+    patients.loc[rng.choice(n_patients, 3, replace=False), "bmi"] = np.nan
+    rows = []
+    for pid in pids:
+        for j in range(int(rng.integers(1, 4))):
+            rows.append({"patient_id": pid, "lesion_id": f"{pid}_L{j}", "site": "bone",
+                         "center_x_mm": 0.0, "center_y_mm": 0.0, "center_z_mm": 0.0,
+                         "volume_ml": 1.0, "suvmax": 10.0, "edge": 0})
+    lesions = pd.DataFrame(rows)
+    n = len(lesions)
+    crops = np.empty((n, 2, size, size, size), dtype=np.float32)
+    crops[:, 0] = rng.gamma(2.0, 2.0, (n, size, size, size))
+    crops[:, 1] = rng.normal(40, 100, (n, size, size, size))
+    c = slice(size // 2 - 2, size // 2 + 2)
+    crops[:, 0, c, c, c] += rng.uniform(5, 40, (n, 1, 1, 1))
+    np.save(root / "crops.npy", crops)
+    lesions.to_csv(root / "lesions.csv", index=False)
+    patients.to_csv(root / "patients.csv", index=False)
+    meta = {"size_mm": size * 2.0, "spacing_mm": 2.0, "shape": list(crops.shape),
+            "orientation": "D,H,W along +z,+y,+x", "center_mode": "given", "manifest": "none",
+            "data_checksum": f"tiny-{seed}-{n_patients}", "synthetic": True, "provenance": {}}
+    (root / "crops.json").write_text(json.dumps(meta))
+    return root
+
+
+def tiny_patients() -> pd.DataFrame:
+    """Six patients with every clinical column and the outcome, a few values missing."""
+    return pd.DataFrame({
+        "patient_id": ["P1", "P2", "P3", "P4", "P5", "P6"],
+        "age": [60, 64, 68, 72, 76, np.nan],
+        "bmi": [20.0, 22.0, 24.0, 26.0, 28.0, 30.0],
+        "ecog": [0, 0, 1, 2, np.nan, 0],
+        "psa": [1.0, 2.0, 3.0, 4.0, 5.0, 100.0],
+        "gleason": [7, 8, 8, 9, 7, 8],
+        "adt": [1, 1, 1, 1, 1, 0],
+        "arpi": [1, 0, 0, 0, 0, 0],
+        "docetaxel": [0, 0, 0, 0, 0, 0],
+        "radiotherapy": [1, 1, 0, 0, 0, np.nan],
+        "lu_psma": [0, 1, 0, 1, 0, 1],
+        "pfs_months": [2.0, 4.0, 6.0, 8.0, 10.0, 12.0],
+        "event": [1, 0, 1, 0, 1, 0],
+    })
