@@ -25,8 +25,9 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check psma_lib tests bench
 
+# The unit tests and every docstring example of the library.
 unit: $(STAMP)
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest --doctest-modules psma_lib tests
 
 # Every chapter executed by nbval (lax: outputs are not compared) in the small `ci` profile.
 notebooks: $(STAMP)

@@ -12,9 +12,10 @@ Every later stage starts from :func:`load_manifest`, which checks the tables che
 :class:`~psma_lib.errors.ValidationFailed` listing every problem; :func:`validate_manifest` also
 opens every image (patient by patient) and returns the full list of problems.
 
->>> cohort = load_manifest("cohort/manifest.yaml")        # doctest: +SKIP
->>> len(cohort.patients), len(cohort.lesions)             # doctest: +SKIP
-(99, 396)
+>>> from psma_lib.testing import tiny_cohort
+>>> cohort = load_manifest(tiny_cohort())
+>>> len(cohort.patients), cohort.synthetic, validate_manifest(tiny_cohort())
+(2, True, [])
 """
 
 from __future__ import annotations
@@ -152,9 +153,14 @@ def write_manifest(
         ValidationFailed: the tables break the contract (missing columns, duplicate ids, values
             out of range, missing image files, paths escaping ``root``, ...); nothing is written.
 
-    >>> write_manifest("cohort", patients, images, lesions,            # doctest: +SKIP
-    ...                {"name": "demo", "synthetic": True, "description": "toy"})
-    PosixPath('cohort/manifest.yaml')
+    >>> import shutil, tempfile; from psma_lib.testing import tiny_cohort
+    >>> root = Path(tempfile.mkdtemp()) / "cohort"
+    >>> _ = shutil.copytree(tiny_cohort().parent / "images", root / "images")
+    >>> c = load_manifest(tiny_cohort())
+    >>> manifest = write_manifest(root, c.patients, c.images[["patient_id", "pet", "ct", "mask"]],
+    ...                           c.lesions, {"name": "demo", "synthetic": True, "description": "toy"})
+    >>> manifest.name, len(load_manifest(manifest).lesions) == len(c.lesions)
+    ('manifest.yaml', True)
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -280,8 +286,11 @@ def validate_manifest(
         check_images: also open the images (slow: reads every volume once).
         progress: show a tqdm bar over patients for the image checks.
 
-    >>> validate_manifest("cohort/manifest.yaml")    # doctest: +SKIP
-    ['patient P003: file patients.csv: age = 150 is outside [18, 110]']
+    >>> import shutil, tempfile; from psma_lib.testing import tiny_cohort
+    >>> root = Path(shutil.copytree(tiny_cohort().parent, Path(tempfile.mkdtemp()) / "cohort"))
+    >>> (root / "images" / "SYN002_ct.nii.gz").unlink()
+    >>> validate_manifest(root)
+    ['patient SYN002: file images/SYN002_ct.nii.gz: CT file not found']
     """
     path = manifest_file(path)
     problems, _, tables = _read_and_check(path)

@@ -46,8 +46,9 @@ femora to liver dome / lung bases). Anatomy and lesions are painted on a fine ph
 (2 x 2 x 1.5 mm); the PET is its point-spread-blurred activity averaged into 4 x 4 x 3 mm voxels
 plus signal-dependent noise; the CT is its HU sampled on the CT's own grid plus noise.
 
->>> tables = sample_tables(200, seed=0)                       # doctest: +SKIP
->>> manifest = generate_cohort("/tmp/cohort", n_patients=3)  # doctest: +SKIP
+>>> tables = sample_tables(200, seed=0)       # clinical, lesions and outcome, without images
+>>> len(tables.patients), sorted(tables.lesions["site"].unique()) == sorted(SITES)
+(200, True)
 """
 
 from __future__ import annotations
@@ -886,8 +887,12 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int = 99, seed: int 
     The whole directory is built in a temporary folder and renamed at the end, so a failure
     leaves nothing behind. Results do not depend on ``workers``.
 
-    >>> generate_cohort("/tmp/tiny", n_patients=2, progress=False)  # doctest: +SKIP
-    PosixPath('/tmp/tiny/manifest.yaml')
+    >>> import tempfile
+    >>> coarse = Spec(imaging=ImagingSpec(phantom_spacing_mm=[4.0, 4.0, 3.0], ct_inplane_mm=[3.0, 3.0]))
+    >>> manifest = generate_cohort(Path(tempfile.mkdtemp()) / "tiny", n_patients=1, spec=coarse,
+    ...                            workers=1, progress=False)
+    >>> manifest.name, sorted(p.name for p in (manifest.parent / "images").iterdir())
+    ('manifest.yaml', ['SYN001_ct.nii.gz', 'SYN001_mask.nii.gz', 'SYN001_pet.nii.gz'])
     """
     from tqdm.auto import tqdm
 
@@ -946,7 +951,9 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int = 99, seed: int 
 def load_truth(cohort_dir: str | os.PathLike) -> pd.DataFrame:
     """``truth/truth.csv`` of a synthetic cohort (patient_id as str).
 
-    >>> load_truth("/tmp/tiny")[["patient_id", "linear_predictor"]]  # doctest: +SKIP
+    >>> from psma_lib.testing import tiny_cohort
+    >>> load_truth(tiny_cohort().parent)["patient_id"].tolist()
+    ['SYN001', 'SYN002']
     """
     path = Path(cohort_dir) / "truth" / "truth.csv"
     if not path.is_file():

@@ -8,13 +8,46 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .vocabulary import TREATMENT_COLUMNS
+
+
+@functools.cache
+def tiny_cohort() -> Path:
+    """The manifest of a two-patient synthetic cohort on coarse grids (about a second to make),
+    generated once per process into a temporary folder; treat it as read-only."""
+    from .synthetic import ImagingSpec, Spec, generate_cohort
+
+    spec = Spec(imaging=ImagingSpec(phantom_spacing_mm=[4.0, 4.0, 3.0], ct_inplane_mm=[3.0, 3.0]))
+    return generate_cohort(Path(tempfile.mkdtemp(prefix="psma-tiny-")) / "cohort", n_patients=2,
+                           seed=0, spec=spec, workers=1, progress=False)
+
+
+def write_tiny_nnunet(root: Path) -> tuple[Path, Path]:
+    """An nnU-Net folder with two 16³ cases of one cubic lesion each, and its clinical CSV."""
+    import nibabel as nib
+
+    root = Path(root)
+    for sub in ("imagesTr", "labelsTr"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for i, case in enumerate(("case1", "case2")):
+        mask = np.zeros((16, 16, 16), np.uint8)
+        mask[4 + i:8 + i, 5:9, 6:10] = 1
+        pet = (0.5 + 9.5 * mask).astype(np.float32)
+        nib.save(nib.Nifti1Image(np.full(mask.shape, 40, np.int16), affine), root / f"imagesTr/{case}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(pet, affine), root / f"imagesTr/{case}_0001.nii.gz")
+        nib.save(nib.Nifti1Image(mask, affine), root / f"labelsTr/{case}.nii.gz")
+    clinical = tiny_patients().iloc[:2].assign(patient_id=["case1", "case2"])
+    clinical.to_csv(root / "clinical.csv", index=False)
+    return root, root / "clinical.csv"
 
 
 def write_tiny_crops(root: Path, *, n_patients: int = 24, size: int = 16, seed: int = 0) -> Path:
