@@ -376,8 +376,8 @@ def data_banner(crops_meta: dict, profile: str, manifest: str):
 def settings_table(s) -> pd.DataFrame:
     """A chapter's resolved :class:`psma_lib.book.BookSettings` as a two-column table."""
     return pd.DataFrame([
-        ("profile", s.profile), ("output folder", str(s.output_dir)),
-        ("manifest", str(s.manifest) if s.manifest else "default synthetic cohort"),
+        ("profile", s.profile), ("output folder", s.shown(s.output_dir)),
+        ("manifest", s.shown(s.manifest) if s.manifest else "default synthetic cohort"),
         ("device", s.device), ("seed", s.seed), ("epochs", s.epochs),
         ("backbones", ", ".join(s.backbones)), ("folds", s.folds),
         ("crop", f"{s.size_mm:g} mm at {s.spacing_mm:g} mm"),
@@ -404,7 +404,7 @@ def reproducibility_box(s, checksum: str):
         "seed": s.seed, "device": s.device, "epochs": s.epochs,
         "backbones": ", ".join(s.backbones),
         "data checksum (SHA-256)": checksum,
-        "output folder": s.output_dir,
+        "output folder": s.shown(s.output_dir),
         "python / platform": f"{v['python']} / {v['platform']}",
         "versions": ", ".join(f"{k} {v[k]}" for k in ("psma-lib", "torch", "torchvision", "numpy",
                                                       "pandas", "lifelines", "scikit-learn")),

@@ -116,6 +116,10 @@ def test_settings_table_and_banner(tmp_path):
     s = book.settings(profile="ci", output_dir=tmp_path)
     values = report.settings_table(s).set_index("Parameter")["Value"]
     assert values["profile"] == "ci" and values["manifest"] == "default synthetic cohort"
+    assert values["output folder"] == str(tmp_path)  # outside the repository: as it is
+    inside = report.settings_table(book.settings(profile="ci", output_dir="_build/results/ci"))
+    inside = inside.set_index("Parameter")["Value"]
+    assert inside["output folder"] == "_build/results/ci"  # not this machine's absolute path
     banner = report.data_banner({"synthetic": True, "cohort_name": "synthetic-both-seed0"}, "ci", "m.yaml")
     assert "SYNTHETIC" in banner.data and "synthetic-both-seed0" in banner.data
     assert "Real cohort" in report.data_banner({"synthetic": False}, "ci", "m.yaml").data
