@@ -5,7 +5,7 @@ summaries of the cross-validated runs, :mod:`psma_lib.evaluation`'s Kaplan-Meier
 :mod:`psma_lib.analysis`), next to what the paper reports where it reports something.
 
 * Formatting: :func:`fmt_ci`, :func:`fmt_range`, :func:`fmt_mean_sd`, :func:`fmt_months`,
-  :func:`median_iqr` -- every table writes numbers through these.
+  :func:`fmt_percent`, :func:`median_iqr` -- every table writes numbers through these.
 * Tables: :func:`table_one`, :func:`lesion_site_table`, :func:`crop_info_table`,
   :func:`cv_config_table`, :func:`ablation_table`, :func:`fold_table`, :func:`oracle_table`,
   :func:`hr_table`, :func:`cutoff_table`, :func:`km_table`, :func:`headline_table`, shown with
@@ -15,6 +15,8 @@ summaries of the cross-validated runs, :mod:`psma_lib.evaluation`'s Kaplan-Meier
 
 >>> fmt_ci(0.7123, 0.65, 0.78), fmt_months(float("inf")), fmt_range(0.61, 0.744)
 ('0.712 (0.650–0.780)', 'not reached', '0.61–0.74')
+>>> fmt_percent(7, 40), fmt_percent(0, 0)     # 17.5 % rounds up, as clinical tables do
+('18 %', '—')
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ def fmt_months(months: float, digits: int = 1) -> str:
     return "not reached" if not np.isfinite(months) else f"{months:.{digits}f}"
 
 
+def fmt_percent(count: int, total: int, digits: int = 0) -> str:
+    """``count`` as a percentage of ``total``, rounded half up (Python's format rounds half to even)."""
+    if total == 0:
+        return EMPTY
+    scale = 10**digits
+    value = np.floor(100.0 * count * scale / total + 0.5 + 1e-9) / scale
+    return f"{value:.{digits}f} %"
+
+
 def median_iqr(values: pd.Series, digits: int = 1) -> str:
     """``median (Q1–Q3)`` of the values present.
 
@@ -100,10 +111,6 @@ TREATMENT_VARIABLES = {
 }
 
 
-def _fmt(x: float, digits: int) -> str:
-    return "NR" if np.isinf(x) else f"{x:.{digits}f}"
-
-
 def _continuous_rows(values: pd.Series, label: str, digits: int) -> list[dict]:
     present = values.dropna()
     missing = int(values.isna().sum())
@@ -125,15 +132,6 @@ def _level_text(level) -> str:
     return str(level)
 
 
-def _percent_text(count: int, total: int, digits: int) -> str:
-    """``"17.5" -> "18%"``: rounds half up, as clinical tables do (Python's format rounds half even)."""
-    if total == 0:
-        return EMPTY
-    scale = 10**digits
-    value = np.floor(100.0 * count * scale / total + 0.5 + 1e-9) / scale
-    return f"{value:.{digits}f}%"
-
-
 def _count_rows(
     values: pd.Series, label: str, percent_digits: int, levels: Sequence | None = None, level_name: str | None = None
 ) -> list[dict]:
@@ -145,17 +143,17 @@ def _count_rows(
     rows = []
     for level in levels:
         n = int((present == level).sum())
-        pct = _percent_text(n, len(present), percent_digits)
         rows.append({"characteristic": label, "level": level_name or _level_text(level), "statistic": "n (%)",
-                     "value": f"{n} ({pct})", "missing": missing})
+                     "value": f"{n} ({fmt_percent(n, len(present), percent_digits)})", "missing": missing})
     return rows
 
 
 def _median_time_row(kmf: KaplanMeierFitter, label: str, digits: int, n_missing: int = 0) -> dict:
     ci = median_survival_times(kmf.confidence_interval_)
     med, lo, hi = kmf.median_survival_time_, ci.iloc[0, 0], ci.iloc[0, 1]
-    return {"characteristic": label, "level": "", "statistic": "median (95% CI)",
-            "value": f"{_fmt(med, digits)} ({_fmt(lo, digits)}–{_fmt(hi, digits)})", "missing": n_missing}
+    return {"characteristic": label, "level": "", "statistic": "median (95 % CI)",
+            "value": f"{fmt_months(med, digits)} ({fmt_months(lo, digits)}–{fmt_months(hi, digits)})",
+            "missing": n_missing}
 
 
 def table_one(patients: pd.DataFrame, digits: int = 1, percent_digits: int = 0) -> pd.DataFrame:
@@ -164,8 +162,8 @@ def table_one(patients: pd.DataFrame, digits: int = 1, percent_digits: int = 0) 
     Rows: number of patients; age, BMI, PSA as median (IQR) and range; ECOG and Gleason as
     n (%) per level; each treatment as n (%) of patients who received it; PSA progression
     observed as n (%); median follow-up by the reverse Kaplan-Meier method (censoring treated as
-    the event) and median PSA-PFS (Kaplan-Meier), both with 95 % CI in months ("NR" = not
-    reached). Percentages are of the patients with a known value; ``missing`` counts the others.
+    the event) and median PSA-PFS (Kaplan-Meier), both with 95 % CI in months. Percentages are
+    of the patients with a known value; ``missing`` counts the others.
 
     Returns:
         DataFrame with columns ``characteristic, level, statistic, value, missing``.
@@ -174,7 +172,7 @@ def table_one(patients: pd.DataFrame, digits: int = 1, percent_digits: int = 0) 
         >>> from psma_lib.testing import tiny_patients
         >>> t = table_one(tiny_patients()).set_index(["characteristic", "level", "statistic"])
         >>> t.loc[("ECOG performance status", "0", "n (%)"), "value"]
-        '3 (60%)'
+        '3 (60 %)'
     """
     required = [*CONTINUOUS_VARIABLES, *CATEGORICAL_VARIABLES, *TREATMENT_VARIABLES, "pfs_months", "event"]
     _require_columns(patients, required, "patients table")
@@ -203,7 +201,7 @@ def lesion_site_table(lesions: pd.DataFrame) -> pd.DataFrame:
     for site, g in df.groupby("site", sort=False):
         rows.append({
             "Site": site.replace("_", " "),
-            "Lesions, n (%)": f"{len(g)} ({100 * len(g) / len(df):.0f} %)",
+            "Lesions, n (%)": f"{len(g)} ({fmt_percent(len(g), len(df))})",
             "Patients, n": g["patient_id"].nunique(),
             "SUVmax, median (IQR)": median_iqr(g["suvmax"]),
             "SUVmax, range": fmt_range(g["suvmax"].min(), g["suvmax"].max(), 1),
@@ -222,7 +220,7 @@ def crop_info_table(meta: dict, lesions: pd.DataFrame) -> pd.DataFrame:
         ("orientation", str(meta.get("orientation", ""))),
         ("centre", str(meta.get("center_mode", ""))),
         ("lesions padded at the field-of-view edge",
-         f"{int(lesions['edge'].sum())} of {n} ({100 * lesions['edge'].mean():.0f} %)"),
+         f"{int(lesions['edge'].sum())} of {n} ({fmt_percent(int(lesions['edge'].sum()), n)})"),
     ], columns=["Property", "Value"])
 
 

@@ -21,26 +21,30 @@ def test_table_one_hand_computed_values():
     assert value["Age (years)", "", "range"] == "60.0–76.0"
     assert missing["Age (years)", "", "range"] == 1
     assert value["PSA (ng/mL)", "", "median (IQR)"] == "3.5 (2.2–4.8)"  # 2.25 and 4.75 to 1 decimal
-    assert value["ECOG performance status", "0", "n (%)"] == "3 (60%)"  # of the 5 known
-    assert value["ECOG performance status", "2", "n (%)"] == "1 (20%)"
+    assert value["ECOG performance status", "0", "n (%)"] == "3 (60 %)"  # of the 5 known
+    assert value["ECOG performance status", "2", "n (%)"] == "1 (20 %)"
     assert missing["ECOG performance status", "1", "n (%)"] == 1
-    assert value["Gleason score", "8", "n (%)"] == "3 (50%)"
-    assert value["ADT", "received", "n (%)"] == "5 (83%)"
-    assert value["Docetaxel", "received", "n (%)"] == "0 (0%)"
-    assert value["Radiotherapy", "received", "n (%)"] == "2 (40%)"
-    assert value["PSA progression observed", "yes", "n (%)"] == "3 (50%)"
+    assert value["Gleason score", "8", "n (%)"] == "3 (50 %)"
+    assert value["ADT", "received", "n (%)"] == "5 (83 %)"
+    assert value["Docetaxel", "received", "n (%)"] == "0 (0 %)"
+    assert value["Radiotherapy", "received", "n (%)"] == "2 (40 %)"
+    assert value["PSA progression observed", "yes", "n (%)"] == "3 (50 %)"
     # Reverse KM (censorings at 4, 8, 12 are its events): S = 4/5 at 4, 4/5 * 2/3 at 8 -> 8/15,
     # 0 at 12: median follow-up 12. KM of PFS: 5/6 at 2, 5/6 * 3/4 = 5/8 at 6, 5/8 * 1/2 at 10.
-    assert value["Follow-up, reverse KM (months)", "", "median (95% CI)"].startswith("12.0 (")
-    assert value["PSA-PFS, Kaplan-Meier (months)", "", "median (95% CI)"].startswith("10.0 (")
+    assert value["Follow-up, reverse KM (months)", "", "median (95 % CI)"].startswith("12.0 (")
+    assert value["PSA-PFS, Kaplan-Meier (months)", "", "median (95 % CI)"].startswith("10.0 (")
 
 
-def test_table_one_rounds_percentages_half_up():
+def test_table_one_rounds_percentages_half_up_and_says_not_reached():
     patients = tiny_patients()
     patients = pd.concat([patients, patients.iloc[:2]], ignore_index=True)  # 8 patients
     patients["arpi"] = [1, 1, 1, 0, 0, 0, 0, 0]  # 37.5 %
     table = report.table_one(patients).set_index(["characteristic", "level", "statistic"])
-    assert table["value"]["ARPI", "received", "n (%)"] == "3 (38%)"
+    assert table["value"]["ARPI", "received", "n (%)"] == "3 (38 %)"
+    # one progression in six: the Kaplan-Meier curve never reaches 0.5
+    few_events = report.table_one(tiny_patients().assign(event=[1, 0, 0, 0, 0, 0]))
+    pfs = few_events.set_index("characteristic").loc["PSA-PFS, Kaplan-Meier (months)", "value"]
+    assert pfs.startswith("not reached (")
 
 
 def test_table_one_names_missing_or_non_numeric_column():
