@@ -90,6 +90,8 @@ def test_tables_of_a_run_show_its_stored_results(tiny_crops, tmp_path):
     sm = run.summary
     assert (row["Backbone"], row["Model"], row["Paper's fold range"]) == ("—", "Cox (lifelines)", "0.53–0.65")
     assert row["Pooled OOF C-index (95 % CI)"] == report.fmt_ci(sm["pooled"], sm["pooled_lo"], sm["pooled_hi"])
+    config = report.cv_config_table(run.config).set_index("Setting")["Value"]
+    assert (config["model"], config["backbone"]) == ("coxph", "—")
     folds = report.fold_table(run)
     assert folds["C-index (patient level)"].tolist() == [f"{c:.3f}" for c in run.fold_results["c_index"]]
     assert folds["Test patients"].sum() == 24
