@@ -302,11 +302,14 @@ def hr_table(hr: pd.DataFrame) -> pd.DataFrame:
     })
 
 
-def cutoff_table(groups: pd.DataFrame) -> pd.DataFrame:
-    """Per fold: the training-fold median cutoff and how many test patients fall on each side."""
+def cutoff_table(cutoffs: pd.Series, train_predictions: pd.DataFrame, groups: pd.DataFrame) -> pd.DataFrame:
+    """Per fold: the cutoff, how many training patients it comes from, and how many test patients
+    fall on each side (``cutoffs``: :func:`psma_lib.evaluation.risk_group_cutoffs`)."""
     rows = []
-    for fold, g in groups.groupby("fold"):
-        rows.append({"Fold": fold, "Cutoff (training-fold median risk)": f"{g['cutoff'].iloc[0]:.3f}",
+    for fold, cutoff in cutoffs.items():
+        g = groups[groups["fold"] == fold]
+        rows.append({"Fold": fold, "Training patients": int((train_predictions["fold"] == fold).sum()),
+                     "Cutoff (training-fold median risk)": f"{cutoff:.3f}",
                      "Test patients high / low": f"{(g['group'] == 'high').sum()} / "
                                                  f"{(g['group'] == 'low').sum()}"})
     return pd.DataFrame(rows)

@@ -9,7 +9,7 @@ from psma_lib import analysis, book, pipeline, plots, report
 from psma_lib.crop import load_crops
 from psma_lib.cv import CVConfig
 from psma_lib.errors import InputError
-from psma_lib.evaluation import assign_risk_groups, km_summary, logrank
+from psma_lib.evaluation import assign_risk_groups, km_summary, logrank, risk_group_cutoffs
 from psma_lib.testing import tiny_patients
 
 
@@ -95,7 +95,12 @@ def test_tables_of_a_run_show_its_stored_results(tiny_crops, tmp_path):
     folds = report.fold_table(run)
     assert folds["C-index (patient level)"].tolist() == [f"{c:.3f}" for c in run.fold_results["c_index"]]
     assert folds["Test patients"].sum() == 24
-    groups = assign_risk_groups(run.oof, run.train_predictions)
+    train = run.train_predictions
+    groups = assign_risk_groups(run.oof, train)
+    cut = report.cutoff_table(risk_group_cutoffs(train), train, groups).set_index("Fold")
+    assert cut["Training patients"].tolist() == [16, 16, 16]  # 24 patients, 3 folds
+    assert (cut["Cutoff (training-fold median risk)"]
+            == [f"{c:.3f}" for c in groups.groupby("fold")["cutoff"].first()]).all()
     km = km_summary(groups["pfs_months"], groups["event"], groups["group"])
     _, p = logrank(groups["pfs_months"], groups["event"], groups["group"])
     assert set(report.km_table(km)["Paper, months"]) <= {"19.7", "26.0"}
