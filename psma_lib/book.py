@@ -67,13 +67,13 @@ PROFILES: dict[str, Profile] = {
     ),
     "quick": Profile(
         name="quick", patients=99, size_mm=48.0, spacing_mm=2.0, epochs=20,
-        backbones=("resnet18", "resnet34", "resnet50"),
-        description="the default: the whole 99-patient cohort, 2D backbones, few epochs (CPU)",
+        backbones=("resnet18",),
+        description="the default: the whole 99-patient cohort, ResNet-18, few epochs (CPU)",
     ),
     "paper": Profile(
         name="paper", patients=99, size_mm=64.0, spacing_mm=2.0, epochs=60,
         backbones=BACKBONES,
-        description="paper-scale epochs and every backbone including 3D r3d_18 (one GPU)",
+        description="paper-scale epochs and every backbone: ResNet-18/34/50 and 3D r3d_18 (one GPU)",
     ),
 }
 

@@ -152,7 +152,7 @@ def register_cli(subparsers) -> None:
         "book", help="run every chapter with papermill and build the HTML book (_build/html)",
         description="Execute the chapters in order (papermill) and build the HTML book.")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                   help="ci (minutes), quick (default, <= 15 min on 2 cores), paper (one GPU)")
+                   help="ci (minutes), quick (default, <= 10 min on 2 cores), paper (one GPU)")
     p.add_argument("--output", default=None,
                    help="results folder (default _build/results/<profile>)")
     p.add_argument("--manifest", default=None,
