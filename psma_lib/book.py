@@ -18,8 +18,10 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import pipeline, report
+from .crop import CropSet
 from .errors import InputError
 from .vocabulary import (
     BACKBONES,
@@ -28,6 +30,9 @@ from .vocabulary import (
     MODALITIES,
     model_kinds_for,
 )
+
+if TYPE_CHECKING:  # cv imports torch: only a chapter that cross-validates pays for it
+    from .cv import CVConfig, CVResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,14 +206,14 @@ def cohort(s: BookSettings) -> pipeline.CohortFiles:
                                     progress=s.show_progress)
 
 
-def crops(s: BookSettings):
+def crops(s: BookSettings) -> CropSet:
     """The cohort's lesion crops (:class:`psma_lib.crop.CropSet`) at the profile's size and spacing."""
     return pipeline.crop_cohort(cohort(s), s.output_dir, size_mm=s.size_mm, spacing_mm=s.spacing_mm,
                                 progress=s.show_progress)
 
 
 def cv_config(s: BookSettings, modality: str, model: str | None = None,
-              backbone: str | None = None):
+              backbone: str | None = None) -> CVConfig:
     """The profile's :class:`psma_lib.cv.CVConfig` of one run.
 
     ``model`` None: the modality's default (``resnet`` for images, ``mlp`` for clinical);
@@ -233,18 +238,18 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
     return CVConfig(**common)  # coxph: fitted once per fold, no training schedule
 
 
-def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None):
+def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None) -> CVResult:
     """One cross-validated run (:class:`psma_lib.cv.CVResult`), computed once per configuration."""
     return pipeline.run_cv(crops(s), s.output_dir, cv_config(s, modality, model, backbone))
 
 
-def clinical_runs(s: BookSettings) -> list:
+def clinical_runs(s: BookSettings) -> list[CVResult]:
     """The two clinical-only runs on the same folds: the classical lifelines Cox model and the
     ResNet-Cox pipeline's clinical branch (an MLP with the Cox loss)."""
     return [cv(s, "clinical", "coxph"), cv(s, "clinical", "mlp")]
 
 
-def ablation_runs(s: BookSettings) -> list:
+def ablation_runs(s: BookSettings) -> list[CVResult]:
     """Every configuration of the ablation: the clinical runs once, then imaging and multimodal
     for each backbone of the settings."""
     return clinical_runs(s) + [cv(s, modality, "resnet", backbone)

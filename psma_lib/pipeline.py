@@ -6,7 +6,7 @@ stage's result object. Called again with the same inputs it reads that folder ba
 recomputing; a changed input gets a new folder, so a stale result is never reused. These are the
 library functions behind ``psma-pfs generate``, ``crop`` and ``cv``, called directly.
 
->>> import tempfile; from psma_lib.testing import write_tiny_crops
+>>> import tempfile; from psma_lib.cv import CVConfig; from psma_lib.testing import write_tiny_crops
 >>> root = Path(tempfile.mkdtemp())
 >>> crops = load_crops(write_tiny_crops(root / "crops", n_patients=12, size=8))
 >>> config = CVConfig(modality="clinical", model="coxph", folds=2, n_bootstrap=50, progress=False)
@@ -26,10 +26,13 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .crop import META_FILE, CropSet, load_crops
-from .cv import CVConfig, CVResult, load_result
 from .manifest import data_checksum, manifest_file
+
+if TYPE_CHECKING:  # cv imports torch: only the call that cross-validates pays for it
+    from .cv import CVConfig, CVResult
 
 
 def cache_key(step: str, **config) -> str:
@@ -107,7 +110,7 @@ def run_cv(crops: CropSet, root: str | os.PathLike, config: CVConfig) -> CVResul
     key = cache_key("cv", config=config.run_defining(), crops=identity)
     out = Path(root) / "cv" / f"{config.name}-{key}"
     if (out / "results.json").is_file():
-        return load_result(out)
+        return cv.load_result(out)
     _log(config.progress, f"cross-validating {config.name} ({config.folds} folds, "
                           f"{config.epochs} epochs) into {out}")
     with _stage_notes("cv"):
