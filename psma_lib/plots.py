@@ -1,4 +1,4 @@
-"""Figure and table helpers for the book: labelled axes, units and legends on every figure.
+"""Figures for the book: labelled axes, units and legends on every figure.
 
 Every helper returns a :class:`matplotlib.figure.Figure`, already closed in pyplot and never
 shown: the notebook displays the returned figure once. Tables are :mod:`psma_lib.report`'s.
