@@ -25,12 +25,18 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check psma_lib tests bench
 
+# The unit tests and every docstring example of the library.
 unit: $(STAMP)
-	$(VENV)/bin/pytest tests
+	$(VENV)/bin/pytest --doctest-modules psma_lib tests
 
-# Every chapter executed by nbval (lax: outputs are not compared) in the small `ci` profile.
+# Every chapter executed by nbval (lax: outputs are not compared) in the small `ci` profile, into
+# that profile's results folder, emptied first so the code under test computes every result.
+# book-ci then finds the cohort, crops and CV runs cached there and only re-executes the pages:
+# `make test` runs the ci pipeline once.
+CI_RESULTS := _build/results/ci
 notebooks: $(STAMP)
-	PSMA_BOOK_PROFILE=ci PSMA_BOOK_OUTPUT=_build/nbval-results $(VENV)/bin/pytest --nbval-lax -p no:cacheprovider chapters/
+	rm -rf $(CI_RESULTS)
+	PSMA_BOOK_PROFILE=ci PSMA_BOOK_OUTPUT=$(CI_RESULTS) $(VENV)/bin/pytest --nbval-lax -p no:cacheprovider chapters/
 
 # Debian's Chromium for the rendered-HTML check (installed once, as root).
 browser:
@@ -38,7 +44,7 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 book-ci: $(STAMP) browser
-	$(VENV)/bin/psma-pfs book --profile ci
+	$(VENV)/bin/psma-pfs book --profile ci --output $(CI_RESULTS)
 	$(PY) -m psma_lib.htmlcheck _build/html
 
 test: lint unit notebooks book-ci

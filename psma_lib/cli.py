@@ -21,7 +21,7 @@ COMMANDS = {
     "import-nnunet": "nnunet",
     "crop": "crop",
     "cv": "cv",
-    "book": "book",
+    "book": "runner",
 }
 
 

@@ -35,10 +35,12 @@ per worker), results are written in manifest order into a ``.npy`` file inside a
 directory that replaces ``out_dir`` only on success, so memory is flat in cohort size, a failure
 leaves nothing behind, and the output is identical for any number of workers.
 
->>> crops_dir = crop_cohort("cohort/manifest.yaml", "crops")        # doctest: +SKIP
->>> crop_set = load_crops(crops_dir)                                 # doctest: +SKIP
->>> crop_set.images.shape, crop_set.planes("axial").shape            # doctest: +SKIP
-((396, 2, 32, 32, 32), (396, 2, 32, 32))
+>>> import tempfile; from psma_lib.testing import tiny_cohort
+>>> crops_dir = crop_cohort(tiny_cohort(), Path(tempfile.mkdtemp()) / "crops", size_mm=32,
+...                         spacing_mm=4, workers=1, progress=False)
+>>> crop_set = load_crops(crops_dir)
+>>> crop_set.images.shape[1:], crop_set.planes("axial").shape[1:]
+((2, 8, 8, 8), (2, 8, 8))
 """
 
 from __future__ import annotations
@@ -500,16 +502,23 @@ class CropSet:
             ``suvmean`` is NaN for a crops directory written before it was measured).
         patients: the cohort's patients table (clinical + outcome; ``patient_id`` as str).
         meta: the ``crops.json`` record (size, spacing, orientation, checksum, provenance, ...).
+        root: the crops directory it was loaded from.
     """
 
     images: np.ndarray
     lesions: pd.DataFrame
     patients: pd.DataFrame
     meta: dict
+    root: Path | None = None
 
     @property
     def n_lesions(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def synthetic(self) -> bool:
+        """The cohort's own flag, copied into ``crops.json``: True for a generated cohort."""
+        return bool(self.meta.get("synthetic", False))
 
     def planes(self, view: View = "axial") -> np.ndarray:
         """2-D planes through each crop's centre voxel, float32 ``[n, 2, H', W']``.
@@ -537,9 +546,10 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
         InputError: a missing file, an unreadable array/table/JSON, or shapes that disagree
             (array vs ``crops.json`` vs number of rows in ``lesions.csv``).
 
-    >>> crop_set = load_crops("crops")            # doctest: +SKIP
-    >>> crop_set.n_lesions, crop_set.planes("coronal").shape   # doctest: +SKIP
-    (396, (396, 2, 32, 32))
+    >>> import tempfile; from psma_lib.testing import write_tiny_crops
+    >>> crop_set = load_crops(write_tiny_crops(Path(tempfile.mkdtemp()), n_patients=6, size=8))
+    >>> crop_set.n_lesions == len(crop_set.lesions), crop_set.planes("coronal").shape[1:]
+    (True, (2, 8, 8))
     """
     crops_dir = Path(crops_dir)
     if not crops_dir.is_dir():
@@ -584,7 +594,8 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
     if unknown:
         raise InputError(f"lesions of patients missing from patients.csv: {', '.join(unknown[:5])}",
                          file=str(crops_dir / PATIENTS_FILE))
-    return CropSet(images=images, lesions=lesions, patients=tables[PATIENTS_FILE], meta=meta)
+    return CropSet(images=images, lesions=lesions, patients=tables[PATIENTS_FILE], meta=meta,
+                   root=crops_dir)
 
 
 # ---------------------------------------------------------------------------------------------

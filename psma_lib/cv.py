@@ -12,13 +12,17 @@ Resume: each fold's seed depends only on ``(seed, fold)``; a fold is done when i
 ``folds/fold<k>/`` exists (written atomically after its checkpoint), so a killed run restarts
 at the first unfinished fold and ends with the same out-of-fold results.
 
-``backbone="coxph"``: the classical baselines, lifelines' CoxPHFitter (Efron ties, ridge penalizer
+``model="coxph"``: the classical baselines, lifelines' CoxPHFitter (Efron ties, ridge penalizer
 0.01 to keep the fit stable with ~80 training patients) on the same folds, with ``covariates``:
 ``clinical`` (the median-imputed, standardised clinical columns without the missing indicators),
 ``count`` (log lesion count alone), ``biomarkers`` (the conventional PSMA PET biomarkers of
 :func:`psma_lib.biomarkers.biomarker_features`: log count, log PSMA-TV, log SUVmax, SUVmean,
 bone fraction) or ``clinical+biomarkers``; biomarkers are standardised with the training fold's
 mean and sd.
+
+Each run's summary (fold range, mean +- sd and the pooled out-of-fold C-index with its bootstrap
+CI) is computed once, by :func:`psma_lib.evaluation.summarize_cv`, and stored in
+``results.json``; :func:`load_result` reads a finished run back.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +43,9 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
 from .errors import InputError
-from .evaluation import concordance_index
+from .evaluation import concordance_index, summarize_cv
 from .io import atomic_dir, atomic_path, write_csv, write_json
-from .models import (
-    BACKBONES,
-    BACKBONES_3D,
-    CLINICAL_COLUMNS,
-    MODALITIES,
-    VIEWS,
-    ClinicalPreprocessor,
-    SurvivalModel,
-    load_pretrained,
-)
+from .models import ClinicalPreprocessor, SurvivalModel, load_pretrained
 from .repro import provenance, set_seed
 from .train import (
     HISTORY_COLUMNS,
@@ -62,54 +57,101 @@ from .train import (
     predict,
     resolve_device,
 )
+from .vocabulary import (
+    AGGREGATIONS,
+    BACKBONES,
+    BACKBONES_3D,
+    CLINICAL_COLUMNS,
+    DEFAULT_AGGREGATION,
+    DEFAULT_BACKBONE,
+    MODALITIES,
+    MODEL_KINDS,
+    VIEWS,
+    model_kinds_for,
+)
 
-AGGREGATIONS = ("mean", "max", "sum", "attention")
 COXPH_PENALIZER = 0.01
 COXPH_COVARIATES = ("clinical", "count", "biomarkers", "clinical+biomarkers")
 FOLD_RESULT_COLUMNS = ("fold", "n_train_patients", "n_val_patients", "n_test_patients", "n_test_events",
                        "c_index", "c_index_lesion", "best_epoch", "seed", "notes")
 
 
+COXPH_AS_BACKBONE = ("'coxph' is a kind of model, not an image backbone: use model='coxph' "
+                     "with modality='clinical' (psma-pfs cv --modality clinical --model coxph)")
+
+
 @dataclass
 class CVConfig:
-    """Everything that defines a cross-validation run (stored in ``config.json``)."""
+    """Everything that defines a cross-validation run (stored in ``config.json``).
+
+    ``model`` is what is trained (:data:`psma_lib.vocabulary.MODEL_KINDS`); None takes the
+    modality's default (``resnet`` for imaging and multimodal, ``mlp`` for clinical).
+    ``backbone`` is the ResNet's (None: the default backbone) and stays None for the clinical
+    models. Training settings default to :class:`psma_lib.train.TrainConfig`'s. ``n_bootstrap``
+    resamples give the pooled C-index's CI in ``results.json``.
+
+    >>> CVConfig(modality="clinical").name, CVConfig(modality="imaging").name
+    ('clinical-mlp', 'imaging-resnet18')
+    """
 
     modality: str = "multimodal"
-    backbone: str = "resnet18"
-    epochs: int = 30
+    model: str | None = None
+    backbone: str | None = None
+    epochs: int = TrainConfig.epochs
     folds: int = 5
     seed: int = 0
     device: str = "auto"
-    batch_size: int = 32         # patients (unit "patient") or lesions (unit "lesion")
-    lr: float = 1e-3
-    weight_decay: float = 1e-2
-    aggregation: str = "sum"
-    unit: str = "patient"
-    aux_weight: float = 1.0
-    selection: str = "last"
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    weight_decay: float = TrainConfig.weight_decay
+    aggregation: str = DEFAULT_AGGREGATION
+    unit: str = TrainConfig.unit
+    aux_weight: float = TrainConfig.aux_weight
+    selection: str = TrainConfig.selection
     covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers
     flip_average: bool = False    # test-time augmentation: mean log-hazard over in-plane flips
     view: str = "axial"
     val_fraction: float = 0.2
-    patience: int = 10
+    patience: int = TrainConfig.patience
     weights: str | None = None
     num_threads: int | None = None
-    augment: bool = True
-    cuda_graph: bool = True
-    compile: bool = False
-    channels_last: bool | None = None  # None: NHWC on GPU for 2D backbones
+    augment: bool = TrainConfig.augment
+    cuda_graph: bool = TrainConfig.cuda_graph
+    compile: bool = TrainConfig.compile
+    channels_last: bool | None = TrainConfig.channels_last
+    n_bootstrap: int = 1000
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.modality in MODALITIES and self.model is None:
+            self.model = model_kinds_for(self.modality)[0]
+        if self.model == "resnet" and self.backbone is None:
+            self.backbone = DEFAULT_BACKBONE
+
+    @property
+    def name(self) -> str:
+        """``modality-backbone`` for a ResNet, ``modality-model`` for the clinical models."""
+        return f"{self.modality}-{self.backbone if self.model == 'resnet' else self.model}"
 
     def validate(self) -> None:
         if self.modality not in MODALITIES:
             raise InputError(f"unknown modality {self.modality!r}; choose one of {MODALITIES}")
-        if self.backbone not in (*BACKBONES, "coxph"):
-            raise InputError(f"unknown backbone {self.backbone!r}; choose one of {(*BACKBONES, 'coxph')}")
-        if self.backbone == "coxph" and self.modality != "clinical":
-            raise InputError("backbone coxph is the clinical baseline: use --modality clinical")
+        if self.backbone == "coxph":
+            raise InputError(COXPH_AS_BACKBONE)
+        if self.model not in MODEL_KINDS:
+            raise InputError(f"unknown model {self.model!r}; choose one of {MODEL_KINDS}")
+        if self.model not in model_kinds_for(self.modality):
+            raise InputError(f"modality {self.modality} trains model {' or '.join(model_kinds_for(self.modality))}, "
+                             f"not {self.model}")
+        if self.model == "resnet" and self.backbone not in BACKBONES:
+            raise InputError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+        if self.model != "resnet" and self.backbone is not None:
+            raise InputError(f"the {self.model} model has no image backbone; leave backbone unset")
+        if self.n_bootstrap < 1:
+            raise InputError(f"n_bootstrap must be >= 1, got {self.n_bootstrap}")
         if self.covariates not in COXPH_COVARIATES:
             raise InputError(f"unknown covariates {self.covariates!r}; choose one of {COXPH_COVARIATES}")
-        if self.covariates != "clinical" and self.backbone != "coxph":
+        if self.covariates != "clinical" and self.model != "coxph":
             raise InputError(f"covariates {self.covariates!r} are for the coxph baselines only")
         if self.aggregation not in AGGREGATIONS:
             raise InputError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
@@ -129,11 +171,43 @@ class CVConfig:
 
 @dataclass
 class CVResult:
+    """A finished run: its folder, configuration, out-of-fold predictions and stored results.
+
+    ``summary`` is ``results.json``'s: :func:`psma_lib.evaluation.summarize_cv` of ``oof``
+    (``fold_min, fold_max, fold_mean, fold_sd, pooled, pooled_lo, pooled_hi, n_patients, ...``).
+    The other tables of the folder are read on access.
+    """
+
     out_dir: Path
+    config: CVConfig
     oof: pd.DataFrame                 # patient_id, fold, risk, pfs_months, event
-    fold_results: pd.DataFrame
-    c_index_pooled: float
-    summary: dict = field(default_factory=dict)
+    fold_results: pd.DataFrame        # FOLD_RESULT_COLUMNS, one row per fold
+    summary: dict
+
+    @property
+    def c_index_pooled(self) -> float:
+        return self.summary["pooled"]
+
+    @property
+    def folds(self) -> pd.DataFrame:
+        """``patient_id, fold``."""
+        return _read_table(self.out_dir / "folds.csv")
+
+    @property
+    def train_predictions(self) -> pd.DataFrame:
+        """``fold, patient_id, risk``: each fold's model scoring its own training patients."""
+        return _read_table(self.out_dir / "train_predictions.csv")
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """``fold, epoch, train_loss, ...``: the learning curves."""
+        return _read_table(self.out_dir / "history.csv")
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError("cross-validation output is missing", file=str(path))
+    return pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
 
 
 def fold_seed(seed: int, fold: int) -> int:
@@ -315,7 +389,7 @@ def _fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
 
 def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
     """The untrained model a run of ``config`` trains (and its checkpoints hold)."""
-    image_model = config.modality != "clinical"
+    image_model = config.model == "resnet"
     return SurvivalModel(config.modality, config.backbone if image_model else "resnet18",
                          n_clinical=n_clinical, view=config.view,
                          attention=config.aggregation == "attention" and image_model,
@@ -336,7 +410,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
     tensors: dict[str, torch.Tensor] = dict(pre.state_dict())
     history = pd.DataFrame(columns=list(HISTORY_COLUMNS))
     best_epoch, notes, n_val = -1, [], 0
-    if config.backbone == "coxph":
+    if config.model == "coxph":
         design = coxph_design(config.covariates, patients, lesions, train_ids)
         coef = _fit_coxph(design(train_ids), by_id.loc[train_ids].reset_index())
         tensors["coxph.coef"] = torch.tensor(coef)
@@ -436,8 +510,13 @@ def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
     finished fold. ``on_fold_done(k)`` is called after fold ``k`` is written (tests use it to
     simulate a kill).
 
-    >>> res = run_cv("crops", "cv", CVConfig(modality="imaging", epochs=5))   # doctest: +SKIP
-    >>> res.c_index_pooled                                                   # doctest: +SKIP
+    >>> import tempfile; from psma_lib.testing import write_tiny_crops
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> crops = write_tiny_crops(tmp / "crops", n_patients=12, size=8)
+    >>> config = CVConfig(modality="clinical", model="coxph", folds=2, progress=False)
+    >>> res = run_cv(crops, tmp / "cv", config)
+    >>> sorted(res.oof.columns), 0 <= res.c_index_pooled <= 1
+    (['event', 'fold', 'patient_id', 'pfs_months', 'risk'], True)
     """
     config.validate()
     crops_dir, out_dir = Path(crops_dir), Path(out_dir)
@@ -470,7 +549,7 @@ def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     try:
-        desc = f"{config.modality}/{config.backbone}"
+        desc = config.name
         todo = [k for k in range(config.folds) if not _fold_done(out_dir, k)]
         for k in tqdm(todo, desc=f"{desc} folds", disable=not config.progress):
             _run_fold(k, config, patients, lesions, folds, images, device, out_dir, desc)
@@ -483,8 +562,7 @@ def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
 
 
 def _collect(out_dir: Path, config: CVConfig, checksum: str) -> CVResult:
-    read = lambda k, name: pd.read_csv(out_dir / "folds" / f"fold{k}" / name,  # noqa: E731
-                                       dtype={"patient_id": str, "lesion_id": str})
+    read = lambda k, name: _read_table(out_dir / "folds" / f"fold{k}" / name)  # noqa: E731
     ks = range(config.folds)
     oof = pd.concat([read(k, "oof.csv") for k in ks], ignore_index=True)
     fold_results = pd.DataFrame([json.loads((out_dir / "folds" / f"fold{k}" / "result.json").read_text()) for k in ks])
@@ -494,19 +572,33 @@ def _collect(out_dir: Path, config: CVConfig, checksum: str) -> CVResult:
     write_csv(out_dir / "train_predictions.csv", pd.concat([read(k, "train_predictions.csv") for k in ks], ignore_index=True))
     write_csv(out_dir / "history.csv", pd.concat([read(k, "history.csv") for k in ks], ignore_index=True))
     write_csv(out_dir / "fold_results.csv", fold_results)
-    pooled = concordance_index(oof["pfs_months"], oof["risk"], oof["event"])
-    c = fold_results["c_index"]
-    summary = {
-        "c_index_pooled_oof": pooled, "c_index_fold_mean": float(c.mean()), "c_index_fold_sd": float(c.std(ddof=1)),
-        "c_index_fold_min": float(c.min()), "c_index_fold_max": float(c.max()),
-        "c_index_lesion_fold_mean": float(fold_results["c_index_lesion"].mean()),
-        "note": "c_index* are patient-level; c_index_lesion scores each lesion against its patient's "
-                "outcome and flatters (correlated lesions counted as separate subjects)",
-    }
+    summary = summarize_cv(oof, n_boot=config.n_bootstrap, seed=config.seed)
+    del summary["fold_c_index"]  # the per-fold C-indices are fold_results' c_index
+    summary["c_index_lesion_fold_mean"] = float(fold_results["c_index_lesion"].mean())
+    summary["note"] = ("every C-index is patient-level except c_index_lesion, which scores each lesion "
+                       "against its patient's outcome and flatters (correlated lesions counted as "
+                       "separate subjects)")
     write_json(out_dir / "results.json", {"summary": summary, "folds": fold_results.to_dict("records"),
                                           "config": dataclasses.asdict(config), "data_checksum": checksum,
                                           "provenance": provenance(**dataclasses.asdict(config))})
-    return CVResult(out_dir, oof, fold_results, pooled, summary)
+    return CVResult(out_dir, config, oof, fold_results, summary)
+
+
+def load_result(out_dir: str | Path) -> CVResult:
+    """The :class:`CVResult` of a finished run folder, read from ``results.json`` and the CSVs."""
+    out_dir = Path(out_dir)
+    path = out_dir / "results.json"
+    if not path.is_file():
+        raise InputError("not a finished cross-validation folder (no results.json)", file=str(path))
+    stored = json.loads(path.read_text())
+    try:
+        config = CVConfig(**stored["config"])
+    except TypeError as exc:
+        raise InputError(f"results.json was written by another version of psma_lib ({exc}); "
+                         "rerun the cross-validation into a new folder", file=str(path)) from exc
+    fold_results = pd.DataFrame(stored["folds"], columns=list(FOLD_RESULT_COLUMNS))
+    return CVResult(out_dir, config, _read_table(out_dir / "oof_predictions.csv"), fold_results,
+                    stored["summary"])
 
 
 def register_cli(subparsers) -> None:
@@ -516,7 +608,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--crops", required=True, type=Path, help="crops directory (psma-pfs crop)")
     p.add_argument("--out", required=True, type=Path, help="output CV directory (resumes if it exists)")
     p.add_argument("--modality", choices=MODALITIES, default=d.modality)
-    p.add_argument("--backbone", choices=(*BACKBONES, "coxph"), default=d.backbone)
+    p.add_argument("--model", choices=MODEL_KINDS, default=None,
+                   help="resnet (imaging, multimodal), mlp (clinical, default) or coxph (clinical: lifelines)")
+    p.add_argument("--backbone", type=_backbone_arg, default=None, metavar="{" + ",".join(BACKBONES) + "}",
+                   help=f"the ResNet's backbone (default {DEFAULT_BACKBONE})")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--folds", type=int, default=d.folds)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -545,8 +640,18 @@ def register_cli(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the train step")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC activations for 2D backbones (default: on for GPU only)")
+    p.add_argument("--n-bootstrap", type=int, default=d.n_bootstrap,
+                   help="bootstrap resamples of the pooled C-index's 95 %% CI")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cli)
+
+
+def _backbone_arg(text: str) -> str:
+    if text == "coxph":
+        raise argparse.ArgumentTypeError(COXPH_AS_BACKBONE)
+    if text not in BACKBONES:
+        raise argparse.ArgumentTypeError(f"unknown backbone {text!r}; choose one of {', '.join(BACKBONES)}")
+    return text
 
 
 def _cli(args) -> int:
@@ -554,7 +659,7 @@ def _cli(args) -> int:
     config = CVConfig(**{k: v for k, v in vars(args).items() if k in fields})
     result = run_cv(args.crops, args.out, config)
     s = result.summary
-    print(f"{config.modality}/{config.backbone}: patient-level C-index pooled OOF {s['c_index_pooled_oof']:.3f}, "
-          f"folds {s['c_index_fold_min']:.3f}-{s['c_index_fold_max']:.3f} "
-          f"(mean {s['c_index_fold_mean']:.3f}); results in {result.out_dir}")
+    print(f"{config.name}: patient-level C-index pooled OOF {s['pooled']:.3f} "
+          f"(95 % CI {s['pooled_lo']:.3f}-{s['pooled_hi']:.3f}), folds {s['fold_min']:.3f}-{s['fold_max']:.3f} "
+          f"(mean {s['fold_mean']:.3f}); results in {result.out_dir}")
     return 0

@@ -1,4 +1,4 @@
-"""Survival evaluation for the book: C-index tables, leakage-free risk groups, Kaplan-Meier, Table 1.
+"""Survival evaluation: C-index and its summaries, leakage-free risk groups, Kaplan-Meier, Cox HRs.
 
 Conventions (``docs/ARCHITECTURE.md``): times in months, ``event = 1`` = PSA progression
 observed, ``risk`` is a log-hazard (higher = shorter expected PFS). Every function here is
@@ -7,17 +7,20 @@ patient-level and uses numpy/pandas/lifelines only (no torch).
 Main entry points:
 
 * :func:`concordance_index`, :func:`bootstrap_cindex` - Harrell's C and its percentile CI.
-* :func:`summarize_cv`, :func:`cindex_table` - the paper's statistic (min-max over the folds),
-  mean +- sd over folds, and the pooled out-of-fold C-index with a bootstrap 95 % CI.
+* :func:`summarize_cv` - the paper's statistic (min-max over the folds), mean +- sd over folds,
+  and the pooled out-of-fold C-index with a bootstrap 95 % CI (stored by ``psma_lib.cv`` in each
+  run's ``results.json``).
 * :func:`assign_risk_groups` - high/low risk split at the median of each fold's *training*
   patients' risks, so no test-fold information sets the cutoff.
 * :func:`km_summary`, :func:`km_curves`, :func:`at_risk_counts`, :func:`logrank` - Kaplan-Meier.
-* :func:`table_one`, :func:`cox_hazard_ratios` - descriptive clinical tables.
+* :func:`cox_hazard_ratios` - descriptive multivariable Cox hazard ratios.
+
+Formatting (Table 1, the book's tables) lives in :mod:`psma_lib.report`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,17 +32,6 @@ from .errors import InputError
 
 OOF_COLUMNS = ("patient_id", "fold", "risk", "pfs_months", "event")
 TRAIN_PREDICTION_COLUMNS = ("fold", "patient_id", "risk")
-
-# Table 1 rows: column of patients.csv -> label shown in the table.
-CONTINUOUS_VARIABLES = {"age": "Age (years)", "bmi": "BMI (kg/m²)", "psa": "PSA (ng/mL)"}
-CATEGORICAL_VARIABLES = {"ecog": "ECOG performance status", "gleason": "Gleason score"}
-TREATMENT_VARIABLES = {
-    "adt": "ADT",
-    "arpi": "ARPI",
-    "docetaxel": "Docetaxel",
-    "radiotherapy": "Radiotherapy",
-    "lu_psma": "[¹⁷⁷Lu]Lu-PSMA",
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,8 +211,12 @@ def summarize_cv(oof: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: fl
     (which usually lowers it); the fold statistics never mix models but rest on ~20 patients each.
 
     Example:
-        >>> summarize_cv(pd.read_csv("CV/oof_predictions.csv", dtype={"patient_id": str}))["pooled"]  # doctest: +SKIP
-        0.71
+        >>> oof = pd.DataFrame({"patient_id": list("abcdef"), "fold": [0, 0, 0, 1, 1, 1],
+        ...                     "risk": [2.0, 1.0, 0.0, 2.5, 0.5, -1.0],
+        ...                     "pfs_months": [3.0, 6, 9, 4, 8, 12], "event": [1, 1, 0, 1, 0, 1]})
+        >>> s = summarize_cv(oof, n_boot=100)
+        >>> s["fold_c_index"], round(s["pooled"], 3)   # the pooled C mixes the folds' models
+        ({0: 1.0, 1: 1.0}, 0.917)
     """
     per_fold = fold_cindices(oof)
     valid = per_fold.dropna()
@@ -238,42 +234,6 @@ def summarize_cv(oof: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: fl
         "n_patients": int(len(oof)),
         "n_events": int(oof["event"].sum()),
     }
-
-
-def cindex_table(
-    results: Mapping[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, digits: int = 2
-) -> pd.DataFrame:
-    """One row per configuration: fold range, mean +- sd, pooled C-index with bootstrap CI.
-
-    Args:
-        results: configuration name (e.g. ``"multimodal / resnet18"``) -> its out-of-fold
-            predictions (see :func:`summarize_cv`).
-        digits: decimals of the formatted text columns.
-
-    Returns:
-        DataFrame indexed by ``configuration`` with numeric columns ``fold_min, fold_max,
-        fold_mean, fold_sd, pooled, pooled_lo, pooled_hi, n_folds, n_patients, n_events`` and the
-        text columns ``fold_range`` ("0.61–0.74"), ``mean_sd`` ("0.68 ± 0.05") and
-        ``pooled_ci`` ("0.66 (0.58–0.73)").
-
-    Example:
-        >>> table = cindex_table({"clinical": oof_clinical, "imaging": oof_imaging})  # doctest: +SKIP
-    """
-    rows = []
-    for name, oof in results.items():
-        summary = summarize_cv(oof, n_boot=n_boot, seed=seed, alpha=alpha)
-        summary.pop("fold_c_index")
-        rows.append({"configuration": name, **summary})
-    numeric = ["fold_min", "fold_max", "fold_mean", "fold_sd", "pooled", "pooled_lo", "pooled_hi",
-               "n_folds", "n_patients", "n_events"]
-    table = pd.DataFrame(rows, columns=["configuration", *numeric]).set_index("configuration")
-    f = f"{{:.{digits}f}}".format
-    table["fold_range"] = [f"{f(a)}–{f(b)}" for a, b in zip(table.fold_min, table.fold_max, strict=True)]
-    table["mean_sd"] = [f"{f(m)} ± {f(s)}" for m, s in zip(table.fold_mean, table.fold_sd, strict=True)]
-    table["pooled_ci"] = [
-        f"{f(c)} ({f(lo)}–{f(hi)})" for c, lo, hi in zip(table.pooled, table.pooled_lo, table.pooled_hi, strict=True)
-    ]
-    return table
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,99 +413,8 @@ def logrank(time, event, groups) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------------------------
-# Table 1 and hazard ratios
+# Hazard ratios
 # --------------------------------------------------------------------------------------------
-
-
-def _fmt(x: float, digits: int) -> str:
-    return "NR" if np.isinf(x) else f"{x:.{digits}f}"
-
-
-def _continuous_rows(values: pd.Series, label: str, digits: int) -> list[dict]:
-    present = values.dropna()
-    missing = int(values.isna().sum())
-    if present.empty:
-        return [{"characteristic": label, "level": "", "statistic": "median (IQR)", "value": "—", "missing": missing}]
-    q1, med, q3 = np.quantile(present, [0.25, 0.5, 0.75])
-    return [
-        {"characteristic": label, "level": "", "statistic": "median (IQR)",
-         "value": f"{med:.{digits}f} ({q1:.{digits}f}–{q3:.{digits}f})", "missing": missing},
-        {"characteristic": label, "level": "", "statistic": "range",
-         "value": f"{present.min():.{digits}f}–{present.max():.{digits}f}", "missing": missing},
-    ]
-
-
-def _level_text(level) -> str:
-    """``2.0`` -> ``"2"`` (CSV integers are read as floats when a value is missing)."""
-    if isinstance(level, (int, float, np.integer, np.floating)) and float(level).is_integer():
-        return str(int(level))
-    return str(level)
-
-
-def _percent_text(count: int, total: int, digits: int) -> str:
-    """``"17.5" -> "18%"``: rounds half up, as clinical tables do (Python's format rounds half even)."""
-    if total == 0:
-        return "—"
-    scale = 10**digits
-    value = np.floor(100.0 * count * scale / total + 0.5 + 1e-9) / scale
-    return f"{value:.{digits}f}%"
-
-
-def _count_rows(
-    values: pd.Series, label: str, percent_digits: int, levels: Sequence | None = None, level_name: str | None = None
-) -> list[dict]:
-    """n (%) per level (all observed levels unless given); percentages of the known values."""
-    present = values.dropna()
-    missing = int(values.isna().sum())
-    if levels is None:
-        levels = sorted(present.unique())
-    rows = []
-    for level in levels:
-        n = int((present == level).sum())
-        pct = _percent_text(n, len(present), percent_digits)
-        rows.append({"characteristic": label, "level": level_name or _level_text(level), "statistic": "n (%)",
-                     "value": f"{n} ({pct})", "missing": missing})
-    return rows
-
-
-def _median_time_row(kmf: KaplanMeierFitter, label: str, digits: int, n_missing: int = 0) -> dict:
-    ci = median_survival_times(kmf.confidence_interval_)
-    med, lo, hi = kmf.median_survival_time_, ci.iloc[0, 0], ci.iloc[0, 1]
-    return {"characteristic": label, "level": "", "statistic": "median (95% CI)",
-            "value": f"{_fmt(med, digits)} ({_fmt(lo, digits)}–{_fmt(hi, digits)})", "missing": n_missing}
-
-
-def table_one(patients: pd.DataFrame, digits: int = 1, percent_digits: int = 0) -> pd.DataFrame:
-    """A clinical paper's "Table 1" of the cohort (``patients.csv`` columns).
-
-    Rows: number of patients; age, BMI, PSA as median (IQR) and range; ECOG and Gleason as
-    n (%) per level; each treatment as n (%) of patients who received it; PSA progression
-    observed as n (%); median follow-up by the reverse Kaplan-Meier method (censoring treated as
-    the event) and median PSA-PFS (Kaplan-Meier), both with 95 % CI in months ("NR" = not
-    reached). Percentages are of the patients with a known value; ``missing`` counts the others.
-
-    Returns:
-        DataFrame with columns ``characteristic, level, statistic, value, missing``.
-
-    Example:
-        >>> t = table_one(patients)      # doctest: +SKIP
-        >>> t.set_index(["characteristic", "level", "statistic"])["value"]  # doctest: +SKIP
-    """
-    required = [*CONTINUOUS_VARIABLES, *CATEGORICAL_VARIABLES, *TREATMENT_VARIABLES, "pfs_months", "event"]
-    _require_columns(patients, required, "patients table")
-    time, event = _survival_arrays(patients["pfs_months"], patients["event"])
-    rows = [{"characteristic": "Patients", "level": "", "statistic": "n", "value": str(len(patients)), "missing": 0}]
-    for column, label in CONTINUOUS_VARIABLES.items():
-        rows += _continuous_rows(_numeric_column(patients, column), label, digits)
-    for column, label in CATEGORICAL_VARIABLES.items():
-        rows += _count_rows(_numeric_column(patients, column), label, percent_digits)
-    for column, label in TREATMENT_VARIABLES.items():
-        rows += _count_rows(_numeric_column(patients, column), label, percent_digits, levels=[1], level_name="received")
-    rows += _count_rows(patients["event"], "PSA progression observed", percent_digits, levels=[1], level_name="yes")
-    follow_up = KaplanMeierFitter().fit(time, ~event)
-    rows.append(_median_time_row(follow_up, "Follow-up, reverse KM (months)", digits))
-    rows.append(_median_time_row(KaplanMeierFitter().fit(time, event), "PSA-PFS, Kaplan-Meier (months)", digits))
-    return pd.DataFrame(rows, columns=["characteristic", "level", "statistic", "value", "missing"])
 
 
 def cox_hazard_ratios(

@@ -71,9 +71,10 @@ def load_image(
         voxels; PET below ``-NEGATIVE_SUV_TOLERANCE`` SUV; mask with non-integer or negative
         labels.
 
-    >>> pet, affine = load_image("images/P001_pet.nii.gz", patient="P001")  # doctest: +SKIP
-    >>> pet.shape, pet.dtype, affine.shape                                   # doctest: +SKIP
-    ((128, 128, 90), dtype('float32'), (4, 4))
+    >>> from psma_lib.testing import tiny_cohort
+    >>> pet, affine = load_image(tiny_cohort().parent / "images" / "SYN001_pet.nii.gz", patient="SYN001")
+    >>> pet.ndim, pet.dtype, affine.shape
+    (3, dtype('float32'), (4, 4))
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")

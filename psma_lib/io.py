@@ -25,8 +25,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
-    >>> with atomic_path("out.csv") as tmp:          # doctest: +SKIP
-    ...     df.to_csv(tmp)
+    >>> out = Path(tempfile.mkdtemp()) / "out.txt"
+    >>> with atomic_path(out) as tmp:
+    ...     _ = tmp.write_text("done")
+    ...     out.exists()                 # nothing at ``path`` until the block succeeds
+    False
+    >>> out.read_text()
+    'done'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

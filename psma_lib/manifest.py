@@ -12,9 +12,10 @@ Every later stage starts from :func:`load_manifest`, which checks the tables che
 :class:`~psma_lib.errors.ValidationFailed` listing every problem; :func:`validate_manifest` also
 opens every image (patient by patient) and returns the full list of problems.
 
->>> cohort = load_manifest("cohort/manifest.yaml")        # doctest: +SKIP
->>> len(cohort.patients), len(cohort.lesions)             # doctest: +SKIP
-(99, 396)
+>>> from psma_lib.testing import tiny_cohort
+>>> cohort = load_manifest(tiny_cohort())
+>>> len(cohort.patients), cohort.synthetic, validate_manifest(tiny_cohort())
+(2, True, [])
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import yaml
 
 from .errors import InputError, ValidationFailed, format_problem
 from .io import atomic_path, sha256_file, write_csv
+from .vocabulary import CLINICAL_COLUMNS, OUTCOME_COLUMNS, SITES, TREATMENT_COLUMNS
 
 MANIFEST_NAME = "manifest.yaml"
 MANIFEST_FORMAT = "psma-pfs-manifest"
@@ -39,19 +41,12 @@ MANIFEST_VERSION = 1
 
 TABLE_NAMES = ("patients", "images", "lesions")
 
-CLINICAL_COLUMNS = (
-    "age", "bmi", "ecog", "psa", "gleason",
-    "adt", "arpi", "docetaxel", "radiotherapy", "lu_psma",
-)
-TREATMENT_COLUMNS = ("adt", "arpi", "docetaxel", "radiotherapy", "lu_psma")
-OUTCOME_COLUMNS = ("pfs_months", "event")
 PATIENT_COLUMNS = ("patient_id", *CLINICAL_COLUMNS, *OUTCOME_COLUMNS)
 IMAGE_KINDS = ("pet", "ct", "mask")
 _KIND_NAMES = {"pet": "PET", "ct": "CT", "mask": "mask"}
 IMAGE_COLUMNS = ("patient_id", "pet", "pet_sha256", "ct", "ct_sha256", "mask", "mask_sha256")
 CENTER_COLUMNS = ("center_x_mm", "center_y_mm", "center_z_mm")
 LESION_COLUMNS = ("patient_id", "lesion_id", "mask_label", *CENTER_COLUMNS, "site")
-SITES = ("bone", "lymph_node", "prostate", "visceral")
 
 TABLE_COLUMNS = {"patients": PATIENT_COLUMNS, "images": IMAGE_COLUMNS, "lesions": LESION_COLUMNS}
 TABLE_FILES = {name: f"{name}.csv" for name in TABLE_NAMES}
@@ -158,9 +153,14 @@ def write_manifest(
         ValidationFailed: the tables break the contract (missing columns, duplicate ids, values
             out of range, missing image files, paths escaping ``root``, ...); nothing is written.
 
-    >>> write_manifest("cohort", patients, images, lesions,            # doctest: +SKIP
-    ...                {"name": "demo", "synthetic": True, "description": "toy"})
-    PosixPath('cohort/manifest.yaml')
+    >>> import shutil, tempfile; from psma_lib.testing import tiny_cohort
+    >>> root = Path(tempfile.mkdtemp()) / "cohort"
+    >>> _ = shutil.copytree(tiny_cohort().parent / "images", root / "images")
+    >>> c = load_manifest(tiny_cohort())
+    >>> manifest = write_manifest(root, c.patients, c.images[["patient_id", "pet", "ct", "mask"]],
+    ...                           c.lesions, {"name": "demo", "synthetic": True, "description": "toy"})
+    >>> manifest.name, len(load_manifest(manifest).lesions) == len(c.lesions)
+    ('manifest.yaml', True)
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -286,8 +286,11 @@ def validate_manifest(
         check_images: also open the images (slow: reads every volume once).
         progress: show a tqdm bar over patients for the image checks.
 
-    >>> validate_manifest("cohort/manifest.yaml")    # doctest: +SKIP
-    ['patient P003: file patients.csv: age = 150 is outside [18, 110]']
+    >>> import shutil, tempfile; from psma_lib.testing import tiny_cohort
+    >>> root = Path(shutil.copytree(tiny_cohort().parent, Path(tempfile.mkdtemp()) / "cohort"))
+    >>> (root / "images" / "SYN002_ct.nii.gz").unlink()
+    >>> validate_manifest(root)
+    ['patient SYN002: file images/SYN002_ct.nii.gz: CT file not found']
     """
     path = manifest_file(path)
     problems, _, tables = _read_and_check(path)

@@ -44,15 +44,15 @@ import torchvision
 from torch import nn
 
 from .errors import InputError
-
-BACKBONES_2D = ("resnet18", "resnet34", "resnet50")
-BACKBONES_3D = ("r3d_18",)
-BACKBONES = BACKBONES_2D + BACKBONES_3D
-MODALITIES = ("clinical", "imaging", "multimodal")
-VIEWS = ("axial", "orthogonal")
-CLINICAL_COLUMNS = (
-    "age", "bmi", "ecog", "psa", "gleason", "adt", "arpi", "docetaxel", "radiotherapy", "lu_psma",
+from .vocabulary import (
+    BACKBONES,
+    BACKBONES_3D,
+    CLINICAL_COLUMNS,
+    LESION_AGGREGATIONS,
+    MODALITIES,
+    VIEWS,
 )
+
 # PSA is log-normal (ng/mL over 4 orders of magnitude): log1p before scaling.
 LOG_COLUMNS = ("psa",)
 
@@ -277,9 +277,6 @@ class SurvivalModel(nn.Module):
         return self._head(pooled, clinical), aux
 
 
-LESION_AGGREGATIONS = ("mean", "max", "sum")
-
-
 def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags: int,
                       how: str = "sum") -> torch.Tensor:
     """Differentiable patient log-hazards ``[n_bags]`` from lesion log-hazards ``[L]``.
@@ -287,7 +284,7 @@ def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags:
     The torch twin of :func:`aggregate_lesion_risks` (same ``how``); every bag must be non-empty.
 
     >>> h = torch.tensor([1.0, 3.0, 0.5]); bag = torch.tensor([0, 0, 1])
-    >>> segment_aggregate(h, bag, 2, "sum").round(decimals=3).tolist()
+    >>> [round(v, 3) for v in segment_aggregate(h, bag, 2, "sum").tolist()]
     [3.127, 0.5]
     >>> segment_aggregate(h, bag, 2, "mean").tolist()
     [2.0, 0.5]

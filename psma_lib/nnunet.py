@@ -16,8 +16,13 @@ components smaller than ``min_volume_ml`` are dropped. The output is a cohort fo
 (docs/ARCHITECTURE.md) with the PET and CT copied in, a relabelled mask (label k = lesion k,
 on the PET grid) and each lesion's centroid in world millimetres (RAS+, through the affine).
 
->>> import_nnunet("PSMA_nnunet", "clinical.csv", "cohort_real", min_volume_ml=0.1)  # doctest: +SKIP
-PosixPath('cohort_real/manifest.yaml')
+>>> import tempfile; from psma_lib.manifest import load_manifest
+>>> from psma_lib.testing import write_tiny_nnunet
+>>> root = Path(tempfile.mkdtemp())
+>>> nnunet_dir, clinical_csv = write_tiny_nnunet(root / "PSMA_nnunet")
+>>> manifest = import_nnunet(nnunet_dir, clinical_csv, root / "cohort_real", min_volume_ml=0.1)
+>>> load_manifest(manifest).lesions[["patient_id", "lesion_id"]].values.tolist()
+[['case1', 'L001'], ['case2', 'L001']]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Figure and table helpers for the book: labelled axes, units and legends on every figure.
+"""Figures for the book: labelled axes, units and legends on every figure.
 
-Every helper returns a :class:`matplotlib.figure.Figure` (or a pandas ``Styler`` for tables),
-already closed in pyplot and never shown: the notebook displays the returned figure once.
+Every helper returns a :class:`matplotlib.figure.Figure`, already closed in pyplot and never
+shown: the notebook displays the returned figure once. Tables are :mod:`psma_lib.report`'s.
 
 **Display orientation of crops.** The contract's crop grid runs ``(D, H, W)`` along world
 ``(+z, +y, +x)`` = (inferior→superior, posterior→anterior, patient left→right). Radiologists read
@@ -26,7 +26,9 @@ import pandas as pd
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-SITE_ORDER = ("bone", "lymph_node", "prostate", "visceral", "unknown")
+from .vocabulary import SITES, UNKNOWN_SITE, site_labels
+
+SITE_ORDER = (*SITES, UNKNOWN_SITE)
 SITE_COLORS = {"bone": "#4c72b0", "lymph_node": "#dd8452", "prostate": "#55a868",
                "visceral": "#c44e52", "unknown": "#8c8c8c"}
 MODALITY_COLORS = {"clinical": "#8c8c8c", "imaging": "#4c72b0", "multimodal": "#c44e52"}
@@ -67,13 +69,24 @@ def display_plane(plane: np.ndarray, view: str = "axial") -> np.ndarray:
     return plane[..., ::-1, ::-1]
 
 
-def html_table(df: pd.DataFrame, caption: str | None = None):
-    """A DataFrame as a clean HTML table (no index column), with an optional caption."""
-    styler = df.style.hide(axis="index")
-    styler = styler.set_table_attributes('class="dataframe psma-table"')
-    if caption:
-        styler = styler.set_caption(caption)
-    return styler
+def montage_selection(lesions: pd.DataFrame, per_site: int = 3) -> list[int]:
+    """Row indices of lesions for the QC montage: per site, the lowest, median and highest SUVmax.
+
+    Deterministic, and it shows the range a reader must check (faint and hot lesions alike).
+
+    >>> montage_selection(pd.DataFrame({"site": ["bone"] * 4 + [""], "suvmax": [3.0, 50, 10, 20, 8]}))
+    [0, 3, 1, 4]
+    """
+    picks: list[int] = []
+    sites = site_labels(lesions["site"])
+    for site in SITE_ORDER:
+        rows = lesions.index[sites == site]
+        if len(rows) == 0:
+            continue
+        order = lesions.loc[rows, "suvmax"].sort_values(kind="stable").index
+        take = np.unique(np.linspace(0, len(order) - 1, min(per_site, len(order))).round().astype(int))
+        picks += [int(lesions.index.get_loc(order[i])) for i in take]
+    return picks
 
 
 @_book_style
@@ -82,7 +95,7 @@ def lesion_overview(lesions: pd.DataFrame) -> Figure:
 
     ``lesions``: one row per lesion with ``patient_id``, ``site``, ``suvmax``.
     """
-    df = lesions.assign(site=lesions["site"].fillna("unknown").replace("", "unknown"))
+    df = lesions.assign(site=site_labels(lesions["site"]))
     sites = [s for s in SITE_ORDER if s in set(df["site"])]
     fig = plt.figure(figsize=(10, 8))
     grid = fig.add_gridspec(2, 2)

@@ -101,7 +101,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     aggregation: str = "sum"
     unit: str = "patient"
-    aux_weight: float = 0.0
+    aux_weight: float = 1.0          # used where the model has an auxiliary head and targets exist
     selection: str = "last"
     patience: int = 10           # early stopping, for the val_* selections only
     augment: bool = True

@@ -15,9 +15,18 @@ from scipy.special import logsumexp
 from scipy.stats import spearmanr
 
 from psma_lib.crop import load_crops
-from psma_lib.cv import CVConfig, check_folds, load_checkpoint, make_folds, make_model, run_cv
+from psma_lib.cv import (
+    CVConfig,
+    check_folds,
+    load_checkpoint,
+    load_result,
+    make_folds,
+    make_model,
+    run_cv,
+)
 from psma_lib.errors import InputError
 from psma_lib.evaluation import concordance_index as harrell_c
+from psma_lib.evaluation import summarize_cv
 from psma_lib.train import HISTORY_COLUMNS, SurvivalData, predict
 
 TINY = dict(epochs=2, folds=3, batch_size=16, seed=5, progress=False, device="cpu", num_threads=1)
@@ -84,8 +93,15 @@ def test_outputs_follow_the_contract(imaging_run, tiny_crops):
     assert config["data_checksum"] == crops.meta["data_checksum"]
     assert config["config"]["modality"] == "imaging" and "versions" in config["provenance"]
     summary = json.loads((out / "results.json").read_text())["summary"]
-    assert summary["c_index_pooled_oof"] == pytest.approx(
+    assert summary["pooled"] == pytest.approx(
         concordance_index(oof["pfs_months"], -oof["risk"], oof["event"]))
+    # the one summary of the run is evaluation.summarize_cv's, stored once and read back as is
+    expected = summarize_cv(oof, n_boot=imaging_run.config.n_bootstrap, seed=imaging_run.config.seed)
+    assert {k: summary[k] for k in ("fold_min", "fold_max", "pooled_lo", "pooled_hi")} == pytest.approx(
+        {k: expected[k] for k in ("fold_min", "fold_max", "pooled_lo", "pooled_hi")})
+    loaded = load_result(out)
+    assert loaded.summary == summary and loaded.config == imaging_run.config
+    pd.testing.assert_frame_equal(loaded.fold_results, imaging_run.fold_results)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"fold{k}.safetensors" for k in range(3)]
 
 
@@ -152,7 +168,7 @@ def test_checkpoint_round_trip_reproduces_oof(imaging_run, tiny_crops):
 
 
 def test_clinical_preprocessing_fitted_on_training_fold_only(tiny_crops, tmp_path):
-    config = CVConfig(modality="clinical", backbone="coxph", **TINY)
+    config = CVConfig(modality="clinical", model="coxph", **TINY)
     base = run_cv(tiny_crops, tmp_path / "base", config)
     crops = tmp_path / "crops"
     shutil.copytree(tiny_crops, crops)
@@ -168,7 +184,7 @@ def test_clinical_preprocessing_fitted_on_training_fold_only(tiny_crops, tmp_pat
 
 
 def test_coxph_baseline_same_folds_matches_lifelines(imaging_run, tiny_crops, tmp_path):
-    result = run_cv(tiny_crops, tmp_path / "coxph", CVConfig(modality="clinical", backbone="coxph", **TINY))
+    result = run_cv(tiny_crops, tmp_path / "coxph", CVConfig(modality="clinical", model="coxph", **TINY))
     pd.testing.assert_frame_equal(_read(result.out_dir, "folds.csv"), _read(imaging_run.out_dir, "folds.csv"))
     assert sorted(result.oof["patient_id"]) == sorted(imaging_run.oof["patient_id"])
     _, pre, _ = load_checkpoint(result.out_dir / "checkpoints" / "fold0.safetensors")
@@ -188,7 +204,7 @@ def test_coxph_baseline_same_folds_matches_lifelines(imaging_run, tiny_crops, tm
 def test_count_baseline_ranks_by_lesion_count_and_biomarkers_scale_on_training_folds(tiny_crops, tmp_path):
     from psma_lib.cv import coxph_design
 
-    count = run_cv(tiny_crops, tmp_path / "count", CVConfig(modality="clinical", backbone="coxph",
+    count = run_cv(tiny_crops, tmp_path / "count", CVConfig(modality="clinical", model="coxph",
                                                            covariates="count", **TINY))
     crops = load_crops(tiny_crops)
     n_lesions = crops.lesions.groupby("patient_id").size()
@@ -232,12 +248,33 @@ def test_cli_runs_and_reports(tiny_crops, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     cv.register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["cv", "--crops", str(tiny_crops), "--out", str(tmp_path / "cv"), "--modality",
-                              "clinical", "--backbone", "coxph", "--folds", "3", "--seed", "5", "--no-progress"])
+                              "clinical", "--model", "coxph", "--folds", "3", "--seed", "5", "--no-progress"])
     assert args.func(args) == 0
-    assert "patient-level C-index pooled OOF" in capsys.readouterr().out
+    assert "clinical-coxph: patient-level C-index pooled OOF" in capsys.readouterr().out
     assert (tmp_path / "cv" / "oof_predictions.csv").is_file()
     saved = json.loads((tmp_path / "cv" / "config.json").read_text())["config"]
-    assert saved["backbone"] == "coxph" and saved["folds"] == 3 and saved["seed"] == 5
+    assert (saved["model"], saved["backbone"], saved["folds"], saved["seed"]) == ("coxph", None, 3, 5)
+
+
+def test_model_kinds_and_the_old_coxph_backbone_spelling(capsys):
+    import argparse
+
+    from psma_lib import cv
+
+    assert (CVConfig(modality="clinical").model, CVConfig(modality="clinical").backbone) == ("mlp", None)
+    assert (CVConfig(modality="imaging").model, CVConfig(modality="imaging").backbone) == ("resnet", "resnet18")
+    for bad, message in ((dict(modality="clinical", backbone="coxph"), "kind of model, not an image backbone"),
+                         (dict(modality="imaging", model="coxph"), "modality imaging trains model resnet"),
+                         (dict(modality="clinical", model="resnet"), "modality clinical trains model mlp or coxph"),
+                         (dict(modality="clinical", model="mlp", backbone="resnet18"), "has no image backbone")):
+        with pytest.raises(InputError, match=message):
+            CVConfig(**bad).validate()
+    parser = argparse.ArgumentParser()
+    cv.register_cli(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["cv", "--crops", "c", "--out", "o", "--modality", "clinical", "--backbone", "coxph"])
+    assert exc.value.code == 2
+    assert "--model coxph" in capsys.readouterr().err
 
 
 def _corrupt_copy(tiny_crops, tmp_path, edit):
@@ -270,7 +307,8 @@ def test_bad_input_one_clear_error_and_no_output(tiny_crops, tmp_path):
         run_cv(tiny_crops, tmp_path / "w", CVConfig(modality="imaging", weights=str(tmp_path / "none.pt"), **TINY))
     assert not (tmp_path / "w").exists()
     with pytest.raises(InputError, match="coxph"):
-        run_cv(tiny_crops, tmp_path / "x", CVConfig(modality="imaging", backbone="coxph", **TINY))
+        run_cv(tiny_crops, tmp_path / "x", CVConfig(modality="imaging", model="coxph", **TINY))
+    assert not (tmp_path / "x").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +377,7 @@ def test_clinical_signal_does_not_reach_the_imaging_model(control_crops, tmp_pat
     from psma_lib.synthetic import load_truth
 
     crops, cohort = control_crops("strong_clinical")
-    coxph = run_cv(crops, tmp_path / "coxph", CVConfig(modality="clinical", backbone="coxph", **CONTROL))
+    coxph = run_cv(crops, tmp_path / "coxph", CVConfig(modality="clinical", model="coxph", **CONTROL))
     oof = coxph.oof.reset_index(drop=True)
     oracle = fold_mean_c(oof, load_truth(cohort).set_index("patient_id")["linear_predictor"])
     assert oracle >= 0.75 and _fold_mean(coxph) >= 0.70  # the signal is there, and learnable
@@ -356,10 +394,10 @@ def test_clinical_mlp_learns_a_strong_clinical_signal(control_crops, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modality,backbone", [("multimodal", "resnet18"), ("clinical", "coxph")])
-def test_control_no_signal_stays_near_half(modality, backbone, control_crops, tmp_path):
+@pytest.mark.parametrize("modality,model", [("multimodal", "resnet"), ("clinical", "coxph")])
+def test_control_no_signal_stays_near_half(modality, model, control_crops, tmp_path):
     crops, _ = control_crops("none")
-    result = run_cv(crops, tmp_path / "cv", CVConfig(modality=modality, backbone=backbone, **CONTROL))
+    result = run_cv(crops, tmp_path / "cv", CVConfig(modality=modality, model=model, **CONTROL))
     assert abs(_fold_mean(result) - 0.5) < 0.1, result.fold_results
 
 

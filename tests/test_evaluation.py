@@ -17,7 +17,6 @@ from psma_lib.evaluation import (
     assign_risk_groups,
     at_risk_counts,
     bootstrap_cindex,
-    cindex_table,
     concordance_index,
     cox_hazard_ratios,
     fold_cindices,
@@ -26,8 +25,8 @@ from psma_lib.evaluation import (
     logrank,
     risk_group_cutoffs,
     summarize_cv,
-    table_one,
 )
+from psma_lib.testing import tiny_patients
 
 
 def random_survival(n: int, seed: int, n_folds: int = 5) -> pd.DataFrame:
@@ -137,17 +136,11 @@ def test_fold_without_events_has_nan_cindex_and_is_left_out_of_the_range():
     assert summary["fold_min"] == pytest.approx(per_fold.drop(2).min())
 
 
-def test_cindex_table_rows_and_text_columns_agree_with_numbers():
+def test_summarize_cv_mirrors_when_every_risk_is_reversed():
     good = random_survival(60, seed=1)
-    flipped = good.assign(risk=-good.risk)
-    table = cindex_table({"model": good, "flipped": flipped}, n_boot=100, digits=2)
-    assert list(table.index) == ["model", "flipped"]
-    row = table.loc["model"]
-    assert row.fold_range == f"{row.fold_min:.2f}–{row.fold_max:.2f}"
-    assert row.mean_sd == f"{row.fold_mean:.2f} ± {row.fold_sd:.2f}"
-    assert row.pooled_ci == f"{row.pooled:.2f} ({row.pooled_lo:.2f}–{row.pooled_hi:.2f})"
-    # Reversing every risk mirrors the C-index (C -> 1 - C when ties in risk count one half).
-    assert table.loc["flipped", "pooled"] == pytest.approx(1 - row.pooled)
+    flipped = summarize_cv(good.assign(risk=-good.risk), n_boot=100)
+    # C -> 1 - C when ties in risk count one half
+    assert flipped["pooled"] == pytest.approx(1 - summarize_cv(good, n_boot=100)["pooled"])
 
 
 def test_summarize_cv_rejects_duplicate_patient_and_missing_column():
@@ -282,64 +275,6 @@ def test_logrank_needs_two_groups():
         logrank([1, 2], [1, 1], ["a", "a"])
 
 
-# ---------------------------------------------------------------------------- Table 1
-
-
-def small_patients() -> pd.DataFrame:
-    return pd.DataFrame({
-        "patient_id": ["P1", "P2", "P3", "P4", "P5", "P6"],
-        "age": [60, 64, 68, 72, 76, np.nan],
-        "bmi": [20.0, 22.0, 24.0, 26.0, 28.0, 30.0],
-        "ecog": [0, 0, 1, 2, np.nan, 0],
-        "psa": [1.0, 2.0, 3.0, 4.0, 5.0, 100.0],
-        "gleason": [7, 8, 8, 9, 7, 8],
-        "adt": [1, 1, 1, 1, 1, 0],
-        "arpi": [1, 0, 0, 0, 0, 0],
-        "docetaxel": [0, 0, 0, 0, 0, 0],
-        "radiotherapy": [1, 1, 0, 0, 0, np.nan],
-        "lu_psma": [0, 1, 0, 1, 0, 1],
-        "pfs_months": [2.0, 4.0, 6.0, 8.0, 10.0, 12.0],
-        "event": [1, 0, 1, 0, 1, 0],
-    })
-
-
-def test_table_one_hand_computed_values():
-    table = table_one(small_patients()).set_index(["characteristic", "level", "statistic"])
-    value, missing = table["value"], table["missing"]
-    assert value["Patients", "", "n"] == "6"
-    assert value["Age (years)", "", "median (IQR)"] == "68.0 (64.0–72.0)"
-    assert value["Age (years)", "", "range"] == "60.0–76.0"
-    assert missing["Age (years)", "", "range"] == 1
-    assert value["PSA (ng/mL)", "", "median (IQR)"] == "3.5 (2.2–4.8)"  # 2.25 and 4.75 to 1 decimal
-    assert value["ECOG performance status", "0", "n (%)"] == "3 (60%)"  # of the 5 known
-    assert value["ECOG performance status", "2", "n (%)"] == "1 (20%)"
-    assert missing["ECOG performance status", "1", "n (%)"] == 1
-    assert value["Gleason score", "8", "n (%)"] == "3 (50%)"
-    assert value["ADT", "received", "n (%)"] == "5 (83%)"
-    assert value["Docetaxel", "received", "n (%)"] == "0 (0%)"
-    assert value["Radiotherapy", "received", "n (%)"] == "2 (40%)"
-    assert value["PSA progression observed", "yes", "n (%)"] == "3 (50%)"
-    # Reverse KM (censorings at 4, 8, 12 are its events): S = 4/5 at 4, 4/5 * 2/3 at 8 -> 8/15,
-    # 0 at 12: median follow-up 12. KM of PFS: 5/6 at 2, 5/6 * 3/4 = 5/8 at 6, 5/8 * 1/2 at 10.
-    assert value["Follow-up, reverse KM (months)", "", "median (95% CI)"].startswith("12.0 (")
-    assert value["PSA-PFS, Kaplan-Meier (months)", "", "median (95% CI)"].startswith("10.0 (")
-
-
-def test_table_one_rounds_percentages_half_up():
-    patients = small_patients()
-    patients = pd.concat([patients, patients.iloc[:2]], ignore_index=True)  # 8 patients
-    patients["arpi"] = [1, 1, 1, 0, 0, 0, 0, 0]  # 37.5 %
-    table = table_one(patients).set_index(["characteristic", "level", "statistic"])
-    assert table["value"]["ARPI", "received", "n (%)"] == "3 (38%)"
-
-
-def test_table_one_names_missing_or_non_numeric_column():
-    with pytest.raises(InputError, match="gleason"):
-        table_one(small_patients().drop(columns="gleason"))
-    with pytest.raises(InputError, match="'bmi' must be numeric"):
-        table_one(small_patients().assign(bmi=["20", "x", "22", "23", "24", "25"]))
-
-
 # ---------------------------------------------------------------------------- hazard ratios
 
 
@@ -368,13 +303,4 @@ def test_cox_hazard_ratios_median_imputation_and_standardisation():
 
 def test_cox_hazard_ratios_reject_constant_covariate():
     with pytest.raises(InputError, match="docetaxel.*constant"):
-        cox_hazard_ratios(small_patients(), ["age", "docetaxel"])
-
-
-def test_docstring_examples_run():
-    import doctest
-
-    import psma_lib.evaluation
-
-    result = doctest.testmod(psma_lib.evaluation)
-    assert result.attempted > 0 and result.failed == 0
+        cox_hazard_ratios(tiny_patients(), ["age", "docetaxel"])

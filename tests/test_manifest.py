@@ -22,7 +22,6 @@ from psma_lib import cli
 from psma_lib.errors import InputError, ValidationFailed
 from psma_lib.io import sha256_file
 from psma_lib.manifest import (
-    CLINICAL_COLUMNS,
     IMAGE_COLUMNS,
     LESION_COLUMNS,
     PATIENT_COLUMNS,
@@ -31,6 +30,7 @@ from psma_lib.manifest import (
     validate_manifest,
     write_manifest,
 )
+from psma_lib.vocabulary import CLINICAL_COLUMNS
 
 PET_SHAPE = (10, 12, 8)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -117,10 +118,10 @@ def test_attention_bags_match_single_lesion_and_are_permutation_invariant():
     images = torch.rand(5, 2, 32, 32) * 10
     bag = torch.tensor([0, 0, 1, 1, 1])
     with torch.no_grad():
-        out = model.forward_bags(images, bag, 2)[0]
+        out, _ = model.forward_bags(images, bag, 2)
         perm = torch.tensor([4, 1, 3, 0, 2])
-        out_perm = model.forward_bags(images[perm], bag[perm], 2)[0]
-        single = model.forward_bags(images[:1], torch.tensor([0]), 1)[0]
+        out_perm, _ = model.forward_bags(images[perm], bag[perm], 2)
+        single, _ = model.forward_bags(images[:1], torch.tensor([0]), 1)
         assert torch.allclose(single, model.head(model.encoder(images[:1])).squeeze(1), atol=1e-5)
     assert torch.allclose(out, out_perm, atol=1e-5)
 
@@ -254,6 +255,8 @@ def _tiny_data(n_patients=12, seed=0):
 @pytest.mark.parametrize("modality,attention", [("imaging", False), ("multimodal", True), ("clinical", False)])
 def test_fit_is_deterministic_on_cpu(modality, attention):
     data = _tiny_data()
+    if modality == "imaging":  # an imaging model refuses clinical features
+        data = dataclasses.replace(data, clinical=None)
     config = TrainConfig(epochs=2, batch_size=8, progress=False)
     outs = []
     torch.use_deterministic_algorithms(True)

@@ -106,11 +106,9 @@ def test_km_plot_has_bands_legend_and_at_risk_table():
     assert len(fig.axes) >= 2                  # the at-risk table axis
 
 
-def test_oof_risk_scatter_and_html_table():
+def test_oof_risk_scatter():
     fig = plots.oof_risk_scatter(_survival_frame())
     assert _labelled(fig.axes[0]) and fig.axes[0].get_legend() is not None
-    html = plots.html_table(pd.DataFrame({"a": [1], "b": ["x"]}), caption="Cap").to_html()
-    assert "<table" in html and "Cap" in html
 
 
 def test_forest_plot_marks_estimates_beyond_the_axis():

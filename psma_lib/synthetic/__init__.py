@@ -54,19 +54,17 @@ physics, :func:`render_patient`), :mod:`.cohort` (the cohort directory), :mod:`.
 >>> tables = sample_tables(200, seed=0)
 >>> len(tables.patients), int(tables.truth["n_lesions"].sum())
 (200, 800)
->>> manifest = generate_cohort("/tmp/cohort", n_patients=3)  # doctest: +SKIP
 """
 
+from ..vocabulary import CLINICAL_COLUMNS, SITES
+from ..vocabulary import TREATMENT_COLUMNS as TREATMENTS
 from .cli import register_cli
 from .cohort import generate_cohort, load_truth
 from .outcome import CohortTables, lesion_counts, patient_ids, sample_tables
 from .scanner import recovery_coefficient, render_patient
 from .spec import (
-    CLINICAL_COLUMNS,
     DEFAULT_SPEC_PATH,
     SIGNALS,
-    SITES,
-    TREATMENTS,
     ClinicalSpec,
     ImagingSpec,
     LesionSpec,

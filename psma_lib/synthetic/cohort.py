@@ -101,8 +101,13 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int = 99, seed: int 
     The whole directory is built in a temporary folder and renamed at the end, so a failure
     leaves nothing behind. Results do not depend on ``workers``.
 
-    >>> generate_cohort("/tmp/tiny", n_patients=2, progress=False)  # doctest: +SKIP
-    PosixPath('/tmp/tiny/manifest.yaml')
+    >>> import tempfile
+    >>> from psma_lib.synthetic import ImagingSpec, Spec
+    >>> coarse = Spec(imaging=ImagingSpec(phantom_spacing_mm=[4.0, 4.0, 3.0], ct_inplane_mm=[3.0, 3.0]))
+    >>> manifest = generate_cohort(Path(tempfile.mkdtemp()) / "tiny", n_patients=1, spec=coarse,
+    ...                            workers=1, progress=False)
+    >>> manifest.name, sorted(p.name for p in (manifest.parent / "images").iterdir())
+    ('manifest.yaml', ['SYN001_ct.nii.gz', 'SYN001_mask.nii.gz', 'SYN001_pet.nii.gz'])
     """
     from ..manifest import write_manifest
 
@@ -132,7 +137,9 @@ def generate_cohort(out_dir: str | os.PathLike, n_patients: int = 99, seed: int 
 def load_truth(cohort_dir: str | os.PathLike) -> pd.DataFrame:
     """``truth/truth.csv`` of a synthetic cohort (patient_id as str).
 
-    >>> load_truth("/tmp/tiny")[["patient_id", "linear_predictor"]]  # doctest: +SKIP
+    >>> from psma_lib.testing import tiny_cohort
+    >>> load_truth(tiny_cohort().parent)["patient_id"].tolist()
+    ['SYN001', 'SYN002']
     >>> load_truth("/no/such/cohort")
     Traceback (most recent call last):
     psma_lib.errors.InputError: file /no/such/cohort/truth/truth.csv: no truth/truth.csv: not a synthetic cohort (or truth was removed)

@@ -13,11 +13,10 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..vocabulary import CLINICAL_COLUMNS, SITES
+from ..vocabulary import TREATMENT_COLUMNS as TREATMENTS
 from .spec import (
-    CLINICAL_COLUMNS,
     SIGNALS,
-    SITES,
-    TREATMENTS,
     ClinicalSpec,
     LesionSpec,
     OutcomeSpec,

@@ -13,12 +13,9 @@ from pathlib import Path
 import yaml
 
 from ..errors import InputError
+from ..vocabulary import SITES
 
 SIGNALS = ("both", "imaging", "clinical", "none")
-SITES = ("bone", "lymph_node", "prostate", "visceral")
-CLINICAL_COLUMNS = ("age", "bmi", "ecog", "psa", "gleason", "adt", "arpi", "docetaxel",
-                    "radiotherapy", "lu_psma")
-TREATMENTS = ("adt", "arpi", "docetaxel", "radiotherapy", "lu_psma")
 # psma_lib/synthetic/spec.py -> repository root -> data_manifest/
 DEFAULT_SPEC_PATH = (Path(__file__).resolve().parent.parent.parent
                      / "data_manifest" / "synthetic_default.yaml")
