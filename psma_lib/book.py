@@ -213,11 +213,12 @@ def crops(s: BookSettings) -> CropSet:
 
 
 def cv_config(s: BookSettings, modality: str, model: str | None = None,
-              backbone: str | None = None) -> CVConfig:
+              backbone: str | None = None, covariates: str = "clinical") -> CVConfig:
     """The profile's :class:`psma_lib.cv.CVConfig` of one run.
 
     ``model`` None: the modality's default (``resnet`` for images, ``mlp`` for clinical);
-    ``backbone`` None: the settings' main backbone (ResNet runs only).
+    ``backbone`` None: the settings' main backbone (ResNet runs only); ``covariates``: what a
+    ``coxph`` baseline is fitted on (clinical, count, biomarkers, clinical+biomarkers).
     """
     from .cv import CVConfig
 
@@ -235,12 +236,13 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
     if model == "mlp":
         epochs = max(s.epochs, prof.clinical_epochs)
         return CVConfig(**common, epochs=epochs, lr=prof.clinical_lr, patience=epochs)
-    return CVConfig(**common)  # coxph: fitted once per fold, no training schedule
+    return CVConfig(**common, covariates=covariates)  # coxph: fitted once per fold, no schedule
 
 
-def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None) -> CVResult:
+def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None,
+       covariates: str = "clinical") -> CVResult:
     """One cross-validated run (:class:`psma_lib.cv.CVResult`), computed once per configuration."""
-    return pipeline.run_cv(crops(s), s.output_dir, cv_config(s, modality, model, backbone))
+    return pipeline.run_cv(crops(s), s.output_dir, cv_config(s, modality, model, backbone, covariates))
 
 
 def clinical_runs(s: BookSettings) -> list[CVResult]:

@@ -109,7 +109,6 @@ class CVConfig:
     aux_weight: float = TrainConfig.aux_weight
     selection: str = TrainConfig.selection
     covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers
-    flip_average: bool = False    # test-time augmentation: mean log-hazard over in-plane flips
     view: str = "axial"
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
@@ -130,8 +129,10 @@ class CVConfig:
 
     @property
     def name(self) -> str:
-        """``modality-backbone`` for a ResNet, ``modality-model`` for the clinical models."""
-        return f"{self.modality}-{self.backbone if self.model == 'resnet' else self.model}"
+        """``modality-backbone`` for a ResNet, ``modality-model`` for the clinical models, with the
+        covariates of a Cox baseline that is not fitted on the clinical columns."""
+        name = f"{self.modality}-{self.backbone if self.model == 'resnet' else self.model}"
+        return name if self.covariates == "clinical" else f"{name}-{self.covariates.replace('+', '-')}"
 
     def validate(self) -> None:
         if self.modality not in MODALITIES:
@@ -419,7 +420,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         test_les = lesions[lesions["patient_id"].isin(test_ids)].reset_index(drop=True)
         test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
     else:
-        if config.selection in ("last", "average"):  # fixed schedule: every training patient
+        if config.selection == "last":  # fixed schedule: every training patient
             inner_train, inner_val = train_ids, []
         else:
             inner_train, inner_val = _inner_split(np.array(train_ids), by_id.loc[train_ids, "event"].to_numpy(),
@@ -452,7 +453,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         result = fit(model, data["train"][0], val_data, train_cfg, seed, desc=f"{progress_desc} fold {k}")
         history, best_epoch, notes = result.history, result.best_epoch, result.notes
         tensors.update({f"model.{n}": t.contiguous() for n, t in result.state_dict.items()})
-        scoring = dict(bf16=train_cfg.bf16, flip_average=config.flip_average)
+        scoring = dict(bf16=train_cfg.bf16)
         test_risk, test_lh = predict(model, data["test"][0].to(device), aggregation, **scoring)
         train_risk, _ = predict(model, data["fold_train"][0].to(device), aggregation, **scoring)
         test_les = data["test"][1]
@@ -628,8 +629,6 @@ def register_cli(subparsers) -> None:
                    help="last = fixed schedule on the whole training fold (default); val_* = inner split")
     p.add_argument("--covariates", choices=COXPH_COVARIATES, default=d.covariates,
                    help="what the coxph baseline is fitted on (default clinical)")
-    p.add_argument("--flip-average", action="store_true",
-                   help="score each lesion as the mean over its in-plane flips (test-time augmentation)")
     p.add_argument("--view", choices=VIEWS, default=d.view)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--patience", type=int, default=d.patience)

@@ -317,3 +317,59 @@ def oof_risk_scatter(groups: pd.DataFrame) -> Figure:
     ax.legend(fontsize=9)
     fig.tight_layout()
     return fig
+
+
+@_book_style
+def delta_c(deltas: pd.DataFrame) -> Figure:
+    """ΔC of paired model comparisons with their bootstrap CIs (one row per comparison).
+
+    ``deltas``: :func:`psma_lib.comparison.delta_table` (``comparison, delta, ci_low, ci_high,
+    p_value``). A CI that crosses 0 (dotted line) is a difference the data cannot tell from noise.
+    """
+    fig, ax = plt.subplots(figsize=(8, 0.7 * len(deltas) + 1.5))
+    y = np.arange(len(deltas))[::-1]
+    err = [deltas["delta"] - deltas["ci_low"], deltas["ci_high"] - deltas["delta"]]
+    ax.errorbar(deltas["delta"], y, xerr=err, fmt="o", color="#1f77b4", capsize=4)
+    for yi, (_, row) in zip(y, deltas.iterrows(), strict=True):
+        ax.annotate(f"p = {row['p_value']:.2g}", (row["ci_high"], yi), xytext=(6, 0),
+                    textcoords="offset points", va="center", fontsize=9)
+    ax.axvline(0.0, color="black", lw=0.8, ls=":")
+    ax.set_yticks(y, deltas["comparison"])
+    ax.set(xlabel="ΔC (fold mean of per-fold differences), 95 % paired bootstrap CI",
+           title="Paired comparisons on the same patients and folds")
+    fig.tight_layout()
+    return fig
+
+
+@_book_style
+def calibration_plot(table: pd.DataFrame, t: float) -> Figure:
+    """Predicted vs Kaplan-Meier PSA-PFS at ``t`` months per risk group (``calibration_table``)."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    err = [table["observed"] - table["observed_lo"], table["observed_hi"] - table["observed"]]
+    ax.errorbar(table["predicted"], table["observed"], yerr=err, fmt="o", capsize=4, color="#d62728",
+                label="risk group: KM observed (95 % CI)")
+    for group, row in table.iterrows():
+        ax.annotate(f"group {group}", (row["predicted"], row["observed"]), xytext=(6, -12),
+                    textcoords="offset points", fontsize=9)
+    ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls=":", label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"mean predicted PSA-PFS at {t:g} months",
+           ylabel=f"observed (Kaplan–Meier) PSA-PFS at {t:g} months", title=f"Calibration at {t:g} months")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+@_book_style
+def truth_recovery(table: pd.DataFrame) -> Figure:
+    """Spearman correlations of lesion log-hazards with the true lesion properties, with CIs
+    (:func:`psma_lib.recovery.truth_recovery`)."""
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    y = np.arange(len(table))[::-1]
+    err = [table["spearman"] - table["ci_low"], table["ci_high"] - table["spearman"]]
+    ax.errorbar(table["spearman"], y, xerr=err, fmt="o", capsize=4, color="#2ca02c")
+    ax.axvline(0.0, color="black", lw=0.8, ls=":")
+    ax.set_yticks(y, table.index)
+    ax.set(xlabel="Spearman correlation with the out-of-fold lesion log-hazard (95 % CI, patients resampled)",
+           title="What the network's lesion scores track (synthetic ground truth)")
+    fig.tight_layout()
+    return fig

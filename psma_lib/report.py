@@ -54,6 +54,18 @@ def fmt_ci(value: float, low: float, high: float, digits: int = 3) -> str:
     return f"{value:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
 
 
+def fmt_floats(df: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """``df`` with every float column written with ``digits`` decimals (NaN as an empty cell).
+
+    >>> fmt_floats(pd.DataFrame({"c": [0.71234, float("nan")], "n": [3, 4]})).values.tolist()
+    [['0.712', 3], ['', 4]]
+    """
+    out = df.copy()
+    for column in out.columns[out.dtypes.map(pd.api.types.is_float_dtype).to_numpy()]:
+        out[column] = [f"{v:.{digits}f}" if pd.notna(v) else "" for v in out[column]]
+    return out
+
+
 def fmt_range(low: float, high: float, digits: int = 2) -> str:
     """``low–high``."""
     return f"{low:.{digits}f}–{high:.{digits}f}"
@@ -232,6 +244,8 @@ def run_label(config) -> str:
     ``clinical Cox (lifelines)``."""
     if config.model == "resnet":
         return f"{config.modality} {config.backbone}"
+    if config.model == "coxph" and config.covariates != "clinical":
+        return f"{config.covariates} {MODEL_NAMES[config.model]}"
     return f"{config.modality} {MODEL_NAMES[config.model]}"
 
 
@@ -337,7 +351,7 @@ def headline_table(runs: Sequence, oracle: dict | None, km: pd.DataFrame, p_valu
              "Paper": f"folds {fmt_range(*PAPER_C_INDEX_RANGE[run.config.modality])}"}
             for run in runs for sm in [run.summary]]
     if oracle is not None:
-        rows.append({"Quantity": "C-index, oracle (true synthetic risk)",
+        rows.append({"Quantity": "C-index, oracle (true linear predictor, without frailty)",
                      "This book": fmt_ci(oracle["pooled"], oracle["pooled_lo"], oracle["pooled_hi"]),
                      "Paper": EMPTY})
     for _, row in km_table(km).iterrows():

@@ -31,7 +31,8 @@ CHAPTERS = (
     "03_resnet_cox_model",
     "04_ablation",
     "05_kaplan_meier",
-    "06_discussion",
+    "06_what_do_the_images_add",
+    "07_discussion",
 )
 BOOK_FILES = ("_config.yml", "_toc.yml", "intro.md", "docs/pipeline.svg")
 INJECTED_TAG = "injected-parameters"

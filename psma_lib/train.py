@@ -54,7 +54,7 @@ from .evaluation import concordance_index
 from .models import SurvivalModel, aggregate_lesion_risks
 
 TRAINING_UNITS = ("patient", "lesion")
-SELECTIONS = ("last", "average", "val_loss", "val_c_index")
+SELECTIONS = ("last", "val_loss", "val_c_index")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -244,19 +244,14 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
-FLIPS = ((), (-1,), (-2,), (-2, -1))  # in-plane flips of the last two (H, W) axes
-
-
 @torch.no_grad()
 def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "sum", batch_size: int = 256,
-            bf16: bool = False, flip_average: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+            bf16: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Patient risks ``[P]`` and lesion log-hazards ``[L]`` (None without images), float64.
 
     Image models score each lesion and aggregate (``aggregation``, as in training); attention
     models pool each patient's bag and score every lesion also as a bag of one (its own
     log-hazard, for the lesion table). The clinical model scores patients only.
-    ``flip_average``: each lesion's log-hazard is the mean over its four in-plane flips (the
-    training augmentation's flips; test-time augmentation, not used with attention).
     """
     model.eval()
     device = next(model.parameters()).device
@@ -275,11 +270,7 @@ def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "sum", 
             batch = lesions.inputs(idx)
             if model.attention:  # each lesion as a bag of one
                 batch = batch._replace(bags=(torch.arange(len(idx), device=device), len(idx)))
-                return _forward(model, batch, aggregation)[0].float()
-            flips = FLIPS if flip_average else ((),)
-            outs = [_forward(model, batch._replace(images=batch.images.flip(dims) if dims else batch.images),
-                             aggregation)[0].float() for dims in flips]
-            return torch.stack(outs).mean(0)
+            return _forward(model, batch, aggregation)[0].float()
 
         lesion = run(data.images.shape[0], lesion_fn)
         if model.attention:
@@ -466,39 +457,6 @@ class Trainer:
         _set_lr(self.optimizer, self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))))
 
 
-def _running_mean(mean: dict | None, state: dict, n: int) -> dict:
-    """Running mean of the floating-point tensors of ``state`` (others: the latest value)."""
-    state = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
-    if mean is None:
-        return state
-    return {k: mean[k] + (v - mean[k]) / (n + 1) if v.is_floating_point() else v for k, v in state.items()}
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: SurvivalModel, data: SurvivalData, bf16: bool = False, batch_size: int = 256) -> None:
-    """Recompute the image encoder's BatchNorm statistics on ``data``'s lesions (no augmentation).
-
-    Averaged weights belong to none of the models whose running statistics were tracked, so the
-    statistics are measured anew (cumulative average over one pass), as in stochastic weight
-    averaging.
-    """
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if model.encoder is None or not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    device = next(model.parameters()).device
-    with _autocast(device, bf16):
-        for i in range(0, data.images.shape[0], batch_size):
-            model.encoder(data.images[i:i + batch_size])
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
-    model.eval()
-
-
 HISTORY_COLUMNS = ("epoch", "batch_loss", "train_loss", "train_null_loss", "val_loss", "val_null_loss",
                    "val_c_index")
 
@@ -509,9 +467,7 @@ def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData | None, con
     history (:data:`HISTORY_COLUMNS`).
 
     ``selection="last"``: the fixed schedule of ``epochs`` epochs on ``train``; the final weights
-    are kept and ``val`` (if given) is only monitored. ``average``: the same schedule, keeping the
-    mean of the weights after each epoch of its second half, with BatchNorm statistics measured
-    anew on the training lesions (:func:`recalibrate_batchnorm`; stochastic weight averaging). ``val_loss`` / ``val_c_index``: the epoch
+    are kept and ``val`` (if given) is only monitored. ``val_loss`` / ``val_c_index``: the epoch
     with the best patient-level validation loss (or C-index, ties: lower loss) is kept, and
     training stops after ``patience`` epochs without improvement.
     """
@@ -528,12 +484,9 @@ def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData | None, con
     val = None if val is None else val.to(device)
     best_key, best_epoch, best_state, rows, since_best = None, -1, None, [], 0
     bar = tqdm(range(config.epochs), desc=desc, disable=not config.progress, leave=False)
-    average, n_averaged = None, 0
     for epoch in bar:
         trainer.set_epoch_lr(epoch)
         losses = [trainer.step(idx) for idx in trainer.epoch_batches()]
-        if config.selection == "average" and epoch >= config.epochs // 2:
-            average, n_averaged = _running_mean(average, model.state_dict(), n_averaged), n_averaged + 1
         on_train = _evaluate(model, train_eval, config.aggregation, trainer.bf16)
         on_val = _evaluate(model, val, config.aggregation, trainer.bf16) if val is not None else {}
         rows.append({"epoch": epoch, "batch_loss": float(torch.stack(losses).mean()),
@@ -541,7 +494,7 @@ def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData | None, con
                      "val_loss": on_val.get("loss", np.nan), "val_null_loss": on_val.get("null_loss", np.nan),
                      "val_c_index": on_val.get("c_index", np.nan)})
         bar.set_postfix(loss=f"{on_train['loss'] - on_train['null_loss']:+.3f}")
-        if config.selection in ("last", "average"):
+        if config.selection == "last":
             continue
         val_loss = np.nan_to_num(on_val["loss"], nan=np.inf)
         key = (-val_loss,) if config.selection == "val_loss" else \
@@ -553,10 +506,7 @@ def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData | None, con
             since_best += 1
         if since_best >= config.patience:
             break
-    if config.selection == "average":
-        model.load_state_dict(average)
-        recalibrate_batchnorm(model, trainer.train, trainer.bf16)
-    if config.selection in ("last", "average"):
+    if config.selection == "last":
         best_epoch = config.epochs - 1
         best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)

@@ -32,7 +32,7 @@ def test_post_processing_hides_the_injected_parameters_cell(tmp_path):
 
 def test_chapter_selection_keeps_book_order():
     assert [p.stem for p in runner.chapter_paths(["04", "01"])] == ["01_data_preparation", "04_ablation"]
-    assert len(runner.chapter_paths()) == 6
+    assert len(runner.chapter_paths()) == 7
     with pytest.raises(InputError, match="unknown chapter"):
         runner.chapter_paths(["99"])
 
