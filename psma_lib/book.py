@@ -76,9 +76,9 @@ PROFILES: dict[str, Profile] = {
         description="the default: the whole 99-patient cohort, ResNet-18, few epochs (CPU)",
     ),
     "paper": Profile(
-        name="paper", patients=99, size_mm=64.0, spacing_mm=2.0, epochs=60,
+        name="paper", patients=99, size_mm=64.0, spacing_mm=2.0, epochs=20,
         backbones=BACKBONES,
-        description="paper-scale epochs and every backbone: ResNet-18/34/50 and 3D r3d_18 (one GPU)",
+        description="larger crops and every backbone: ResNet-18/34/50 and 3D r3d_18 (one GPU)",
     ),
 }
 

@@ -95,7 +95,7 @@ class SurvivalData:
 class TrainConfig:
     """Optimisation settings (see :func:`fit`)."""
 
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 32         # patients (unit "patient") or lesions (unit "lesion")
     lr: float = 1e-3
     weight_decay: float = 1e-2
