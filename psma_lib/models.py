@@ -48,6 +48,7 @@ from .vocabulary import (
     BACKBONES,
     BACKBONES_3D,
     CLINICAL_COLUMNS,
+    DEFAULT_AGGREGATION,
     LESION_AGGREGATIONS,
     MODALITIES,
     VIEWS,
@@ -278,7 +279,7 @@ class SurvivalModel(nn.Module):
 
 
 def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags: int,
-                      how: str = "sum") -> torch.Tensor:
+                      how: str = DEFAULT_AGGREGATION) -> torch.Tensor:
     """Differentiable patient log-hazards ``[n_bags]`` from lesion log-hazards ``[L]``.
 
     The torch twin of :func:`aggregate_lesion_risks` (same ``how``); every bag must be non-empty.
@@ -304,17 +305,17 @@ def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags:
     return torch.log(summed) + peak
 
 
-def aggregate_lesion_risks(lesions: pd.DataFrame, how: str = "mean", column: str = "log_hazard",
+def aggregate_lesion_risks(lesions: pd.DataFrame, how: str = DEFAULT_AGGREGATION, column: str = "log_hazard",
                            by: str = "patient_id") -> pd.Series:
-    """Patient risk from lesion log-hazards: ``mean`` (default), ``max`` or ``sum`` per patient.
+    """Patient risk from lesion log-hazards: ``sum`` (the pipeline's default), ``mean`` or ``max``.
 
     ``sum`` is the log of the summed hazards, ``log sum_l exp(h_l)`` (computed stably).
 
     >>> df = pd.DataFrame({"patient_id": ["a", "a", "b"], "log_hazard": [1.0, 3.0, 0.5]})
-    >>> aggregate_lesion_risks(df).to_dict()
-    {'a': 2.0, 'b': 0.5}
-    >>> aggregate_lesion_risks(df, "sum").round(3).to_dict()
+    >>> aggregate_lesion_risks(df).round(3).to_dict()
     {'a': 3.127, 'b': 0.5}
+    >>> aggregate_lesion_risks(df, "mean").to_dict()
+    {'a': 2.0, 'b': 0.5}
     """
     if how not in LESION_AGGREGATIONS:
         raise InputError(f"unknown lesion aggregation {how!r}; choose one of {LESION_AGGREGATIONS}")

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from .cox import neg_partial_log_likelihood
 from .evaluation import concordance_index
 from .models import SurvivalModel, aggregate_lesion_risks
+from .vocabulary import DEFAULT_AGGREGATION
 
 TRAINING_UNITS = ("patient", "lesion")
 SELECTIONS = ("last", "val_loss", "val_c_index")
@@ -99,7 +100,7 @@ class TrainConfig:
     batch_size: int = 32         # patients (unit "patient") or lesions (unit "lesion")
     lr: float = 1e-3
     weight_decay: float = 1e-2
-    aggregation: str = "sum"
+    aggregation: str = DEFAULT_AGGREGATION
     unit: str = "patient"
     aux_weight: float = 1.0          # used where the model has an auxiliary head and targets exist
     selection: str = "last"
@@ -245,7 +246,7 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = "sum", batch_size: int = 256,
+def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = DEFAULT_AGGREGATION, batch_size: int = 256,
             bf16: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Patient risks ``[P]`` and lesion log-hazards ``[L]`` (None without images), float64.
 
