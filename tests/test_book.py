@@ -14,7 +14,8 @@ CHAPTER_FILES = sorted(runner.CHAPTERS_DIR.glob("*.ipynb"))
 def test_profiles_scale_up_from_ci_to_paper():
     ci, quick, paper = (book.PROFILES[p] for p in ("ci", "quick", "paper"))
     assert ci.patients < quick.patients == paper.patients == 99
-    assert ci.epochs < quick.epochs < paper.epochs
+    assert ci.epochs < quick.epochs <= paper.epochs  # longer schedules over-fit (docs/METHOD.md)
+    assert ci.size_mm <= quick.size_mm < paper.size_mm
     # ResNet-34/50 and the 3D r3d_18 only in paper: the quick book fits in 10 minutes on 2 cores
     assert ci.backbones == quick.backbones == ("resnet18",)
     assert set(paper.backbones) == {"resnet18", "resnet34", "resnet50", "r3d_18"}
