@@ -82,18 +82,16 @@ def oracle_c_index(truth: pd.DataFrame, patients: pd.DataFrame, folds: pd.DataFr
     """C-index of a synthetic cohort's true linear predictor: the ceiling a model can reach.
 
     ``truth``: ``psma_lib.synthetic.load_truth``; ``patients``: ``patient_id, pfs_months, event``.
-    Returns :func:`psma_lib.evaluation.summarize_cv`'s summary without ``fold_c_index``: pooled
-    over patients with its bootstrap CI (``pooled, pooled_lo, pooled_hi``) and, when ``folds``
-    (``patient_id, fold``) is given, the per-fold range on the same folds as the models.
+    Returns :func:`psma_lib.evaluation.summarize_cv`'s summary: pooled over patients with its
+    bootstrap CI (``pooled, pooled_lo, pooled_hi``) and, when ``folds`` (``patient_id, fold``) is
+    given, each fold's C (``fold_c_index``) and their range on the same folds as the models.
     """
     df = patients.merge(truth[["patient_id", "linear_predictor"]].astype({"patient_id": str}),
                         on="patient_id")
     if folds is None:
         folds = pd.DataFrame({"patient_id": df["patient_id"], "fold": 0})
     df = df.merge(folds, on="patient_id").rename(columns={"linear_predictor": "risk"})
-    summary = summarize_cv(df[list(OOF_COLUMNS)], n_boot=n_boot, seed=seed)
-    del summary["fold_c_index"]
-    return summary
+    return summarize_cv(df[list(OOF_COLUMNS)], n_boot=n_boot, seed=seed)
 
 
 def network_input_shape(crops_meta: dict, backbone: str) -> tuple[int, ...]:

@@ -48,6 +48,8 @@ class Profile:
     is the sum of its lesions' hazards, so lesion burden counts; see ``psma_lib.models``).
     The clinical MLP sees one row per patient (two optimiser steps per epoch on ~80 training
     patients), so it gets its own, longer schedule: ``clinical_epochs`` at ``clinical_lr``.
+    ``repeats``: how many times chapter 6 repeats the whole cross-validation with new fold seeds
+    (``seed``, ``seed + 1``, ...) to show how much the fold mean depends on the split.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Profile:
     aggregation: str = DEFAULT_AGGREGATION
     clinical_epochs: int = 300
     clinical_lr: float = 1e-2
+    repeats: int = 1
     description: str = ""
 
 
@@ -77,7 +80,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "paper": Profile(
         name="paper", patients=99, size_mm=64.0, spacing_mm=2.0, epochs=20,
-        backbones=BACKBONES,
+        backbones=BACKBONES, repeats=5,
         description="larger crops and every backbone: ResNet-18/34/50 and 3D r3d_18 (one GPU)",
     ),
 }
@@ -213,12 +216,13 @@ def crops(s: BookSettings) -> CropSet:
 
 
 def cv_config(s: BookSettings, modality: str, model: str | None = None,
-              backbone: str | None = None, covariates: str = "clinical") -> CVConfig:
+              backbone: str | None = None, covariates: str = "clinical", repeat: int = 0) -> CVConfig:
     """The profile's :class:`psma_lib.cv.CVConfig` of one run.
 
     ``model`` None: the modality's default (``resnet`` for images, ``mlp`` for clinical);
     ``backbone`` None: the settings' main backbone (ResNet runs only); ``covariates``: what a
-    ``coxph`` baseline is fitted on (clinical, count, biomarkers, clinical+biomarkers).
+    ``coxph`` baseline is fitted on (clinical, count, biomarkers, clinical+biomarkers);
+    ``repeat`` r > 0: the same run on the folds of seed ``s.seed + r``.
     """
     from .cv import CVConfig
 
@@ -226,7 +230,7 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
         raise InputError(f"unknown modality {modality!r}; choose one of {list(MODALITIES)}")
     prof = PROFILES[s.profile]
     model = model or model_kinds_for(modality)[0]
-    common = dict(modality=modality, model=model, folds=s.folds, seed=s.seed, device=s.device,
+    common = dict(modality=modality, model=model, folds=s.folds, seed=s.seed + repeat, device=s.device,
                   n_bootstrap=s.n_bootstrap, progress=s.show_progress)
     if model == "resnet":
         return CVConfig(**common, backbone=backbone or s.main_backbone, epochs=s.epochs,
@@ -240,9 +244,15 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
 
 
 def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None,
-       covariates: str = "clinical") -> CVResult:
+       covariates: str = "clinical", repeat: int = 0) -> CVResult:
     """One cross-validated run (:class:`psma_lib.cv.CVResult`), computed once per configuration."""
-    return pipeline.run_cv(crops(s), s.output_dir, cv_config(s, modality, model, backbone, covariates))
+    return pipeline.run_cv(crops(s), s.output_dir, cv_config(s, modality, model, backbone, covariates, repeat))
+
+
+def baseline_runs(s: BookSettings) -> list[CVResult]:
+    """The Cox baselines on the networks' folds: lesion count, PSMA PET biomarkers, clinical +
+    biomarkers (the clinical Cox model is among :func:`clinical_runs`)."""
+    return [cv(s, "clinical", "coxph", covariates=c) for c in ("count", "biomarkers", "clinical+biomarkers")]
 
 
 def clinical_runs(s: BookSettings) -> list[CVResult]:
@@ -252,10 +262,10 @@ def clinical_runs(s: BookSettings) -> list[CVResult]:
 
 
 def ablation_runs(s: BookSettings) -> list[CVResult]:
-    """Every configuration of the ablation: the clinical runs once, then imaging and multimodal
-    for each backbone of the settings."""
-    return clinical_runs(s) + [cv(s, modality, "resnet", backbone)
-                               for modality in ("imaging", "multimodal") for backbone in s.backbones]
+    """Every configuration of the ablation: the clinical runs and the Cox baselines once, then
+    imaging and multimodal for each backbone of the settings."""
+    return clinical_runs(s) + baseline_runs(s) + [
+        cv(s, modality, "resnet", backbone) for modality in ("imaging", "multimodal") for backbone in s.backbones]
 
 
 def reproducibility_box(s: BookSettings):

@@ -31,7 +31,7 @@ from .vocabulary import SITES, UNKNOWN_SITE, site_labels
 SITE_ORDER = (*SITES, UNKNOWN_SITE)
 SITE_COLORS = {"bone": "#4c72b0", "lymph_node": "#dd8452", "prostate": "#55a868",
                "visceral": "#c44e52", "unknown": "#8c8c8c"}
-MODALITY_COLORS = {"clinical": "#8c8c8c", "imaging": "#4c72b0", "multimodal": "#c44e52"}
+MODALITY_COLORS = {"clinical": "#8c8c8c", "imaging": "#4c72b0", "multimodal": "#c44e52", "oracle": "#2ca02c"}
 GROUP_COLORS = {"high": "#c44e52", "low": "#4c72b0"}
 CT_WINDOW_HU = (-300.0, 700.0)   # a soft-tissue/bone compromise: nodes and sclerotic bone both show
 PET_SUV_RANGE = (2.0, 20.0)      # below 2 SUV the PET overlay is transparent (background uptake)

@@ -258,19 +258,21 @@ def cv_config_table(config) -> pd.DataFrame:
                         columns=["Setting", "Value"])
 
 
-def ablation_table(runs: Sequence) -> pd.DataFrame:
-    """One row per run (:class:`psma_lib.cv.CVResult`), from its stored summary: our fold range
-    beside the paper's, mean ± sd over folds, pooled out-of-fold C-index (95 % CI)."""
+def ablation_table(runs: Sequence, headline: pd.DataFrame) -> pd.DataFrame:
+    """One row per run (:class:`psma_lib.cv.CVResult`): our fold range beside the paper's, the
+    fold mean with its within-fold bootstrap CI and the pooled C of training-standardised risks
+    (``headline``: :func:`psma_lib.comparison.summary_table` of the same runs, in order)."""
     rows = []
-    for run in runs:
+    for run, head in zip(runs, headline.itertuples(), strict=True):
         sm, config = run.summary, run.config
+        baseline = config.model == "coxph" and config.covariates != "clinical"
         rows.append({
-            "Modality": config.modality, "Backbone": config.backbone or EMPTY,
-            "Model": MODEL_NAMES[config.model],
+            "Modality": config.covariates if baseline else config.modality,
+            "Backbone": config.backbone or EMPTY, "Model": MODEL_NAMES[config.model],
             "Fold range (min–max)": fmt_range(sm["fold_min"], sm["fold_max"]),
-            "Paper's fold range": fmt_range(*PAPER_C_INDEX_RANGE[config.modality]),
-            "Mean ± sd over folds": fmt_mean_sd(sm["fold_mean"], sm["fold_sd"]),
-            "Pooled OOF C-index (95 % CI)": fmt_ci(sm["pooled"], sm["pooled_lo"], sm["pooled_hi"]),
+            "Paper's fold range": EMPTY if baseline else fmt_range(*PAPER_C_INDEX_RANGE[config.modality]),
+            "Fold-mean C (95 % CI)": fmt_ci(head.fold_mean, head.ci_low, head.ci_high),
+            "Pooled C, training-standardised": f"{head.pooled_standardised:.3f}",
             "Patients / events": f"{sm['n_patients']} / {sm['n_events']}",
         })
     return pd.DataFrame(rows)

@@ -86,10 +86,16 @@ def test_architecture_summary_counts_every_parameter():
 def test_tables_of_a_run_show_its_stored_results(tiny_crops, tmp_path):
     run = pipeline.run_cv(load_crops(tiny_crops), tmp_path,
                           CVConfig(modality="clinical", model="coxph", folds=3, n_bootstrap=50, progress=False))
-    row = report.ablation_table([run]).iloc[0]
+    from psma_lib.comparison import summary_table
+
+    headline = summary_table({"cox": run.out_dir}, n_boot=50)
+    row = report.ablation_table([run], headline).iloc[0]
     sm = run.summary
     assert (row["Backbone"], row["Model"], row["Paper's fold range"]) == ("—", "Cox (lifelines)", "0.53–0.65")
-    assert row["Pooled OOF C-index (95 % CI)"] == report.fmt_ci(sm["pooled"], sm["pooled_lo"], sm["pooled_hi"])
+    assert row["Fold range (min–max)"] == report.fmt_range(sm["fold_min"], sm["fold_max"])
+    h = headline.iloc[0]
+    assert row["Fold-mean C (95 % CI)"] == report.fmt_ci(h["fold_mean"], h["ci_low"], h["ci_high"])
+    assert h["fold_mean"] == pytest.approx(sm["fold_mean"])  # the same statistic, computed twice
     config = report.cv_config_table(run.config).set_index("Setting")["Value"]
     assert (config["model"], config["backbone"]) == ("coxph", "—")
     folds = report.fold_table(run)
