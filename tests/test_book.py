@@ -78,9 +78,13 @@ def test_cv_configs_follow_the_profile(tmp_path):
     assert len({str(sorted(d.items())) for d in defining.values()}) == 4
     other_seed = book.cv_config(book.settings(profile="ci", output_dir=tmp_path, seed=1), "multimodal")
     assert other_seed.run_defining() != mm.run_defining()
+    # repeats draw new folds from seed + r; baselines differ only in their covariates
+    assert book.cv_config(s, "multimodal", repeat=2).seed == s.seed + 2
+    assert book.cv_config(s, "clinical", "coxph", covariates="count").covariates == "count"
+    assert book.PROFILES["paper"].repeats >= 5 and book.PROFILES["quick"].repeats == 1
 
 
-def test_the_book_has_six_chapters_in_toc_order():
+def test_the_book_has_its_chapters_in_toc_order():
     assert [p.stem for p in CHAPTER_FILES] == list(runner.CHAPTERS)
     toc = (book.REPO_ROOT / "_toc.yml").read_text()
     positions = [toc.index(f"chapters/{name}") for name in runner.CHAPTERS]
