@@ -66,6 +66,21 @@ def noise_baseline(patients: pd.DataFrame, lesions: pd.DataFrame, aggregation: s
             "draws": draws}
 
 
+def structural_baselines(oof: pd.DataFrame, lesions: pd.DataFrame, aggregation: str = "sum",
+                         n_draws: int = 200, seed: int = 0) -> dict:
+    """What a run's folds give without reading any image: fold-mean C of log(lesion count) and
+    the :func:`noise_baseline` of the run's aggregation.
+
+    ``oof``: the run's ``oof_predictions`` (``patient_id, fold, pfs_months, event``);
+    ``lesions``: its lesion table (``patient_id``). Returns ``{"log_count": C, "noise": {...}}``.
+    """
+    oof = oof.reset_index(drop=True)
+    lesions = lesions.assign(patient_id=lesions["patient_id"].astype(str))
+    log_count = np.log(lesions.groupby("patient_id").size())
+    return {"log_count": fold_mean_c(oof, log_count),
+            "noise": noise_baseline(oof, lesions, aggregation, n_draws=n_draws, seed=seed)}
+
+
 def lesion_truth_table(oof_lesions: pd.DataFrame, lesion_truth: pd.DataFrame) -> pd.DataFrame:
     """Out-of-fold lesion log-hazards beside each lesion's true properties.
 

@@ -431,3 +431,57 @@ def reproducibility_box(s, checksum: str):
     body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
                    f"<td><code>{html.escape(str(val))}</code></td></tr>" for k, val in rows.items())
     return admonition("seealso", "Reproducibility", f"<table>{body}</table>")
+
+
+def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Display of :func:`psma_lib.comparison.summary_table` (plus reference rows that may lack a
+    CI, range or pooled value): fold-mean C (95 % CI), fold range, training-standardised pooled C."""
+    def cell(row, fmt, *cols):
+        values = [getattr(row, c, np.nan) for c in cols]
+        return fmt(*values) if all(pd.notna(v) for v in values) else ""
+
+    rows = list(summary.itertuples())
+    return pd.DataFrame({
+        "Model": summary["model"],
+        "Fold-mean C (95 % CI)": [cell(r, fmt_ci, "fold_mean", "ci_low", "ci_high") or f"{r.fold_mean:.3f}"
+                                  for r in rows],
+        "Fold range": [cell(r, fmt_range, "fold_min", "fold_max") for r in rows],
+        "Pooled C, training-standardised risks": [cell(r, lambda v: f"{v:.3f}", "pooled_standardised")
+                                                  for r in rows],
+    })
+
+
+def repeat_table(fold_means: pd.DataFrame, models: Sequence[str]) -> pd.DataFrame:
+    """Fold-mean C per repeat (``repeat, fold seed`` + one column per model), then a row with each
+    model's mean and range over the repeats."""
+    spread = {"repeat": "mean (min–max)", "fold seed": "",
+              **{m: f"{fold_means[m].mean():.3f} ({fold_means[m].min():.3f}–{fold_means[m].max():.3f})"
+                 for m in models}}
+    return pd.concat([fmt_floats(fold_means), pd.DataFrame([spread])], ignore_index=True)
+
+
+def delta_verdict(row) -> str:
+    """One ΔC row (:func:`psma_lib.comparison.delta_table`) in words, decided by its CI alone.
+
+    >>> import collections
+    >>> Row = collections.namedtuple("Row", "comparison delta ci_low ci_high")
+    >>> delta_verdict(Row("a − b", 0.05, -0.01, 0.1)).endswith("no difference on these patients.")
+    True
+    """
+    head = (f"<b>{html.escape(row.comparison)}: {row.delta:+.3f}</b> "
+            f"(95 % CI {row.ci_low:+.3f} to {row.ci_high:+.3f}): ")
+    if row.ci_low > 0:
+        return head + "the first model ranks patients better."
+    if row.ci_high < 0:
+        return head + "the first model ranks patients <i>worse</i>."
+    return head + "not distinguishable from no difference on these patients."
+
+
+def images_add_conclusion(deltas: pd.DataFrame):
+    """Chapter 6's conclusion box: the first ΔC row (imaging network vs lesion count) leads."""
+    lead = ("The imaging network ranks patients better than counting their lesions."
+            if deltas.iloc[0]["ci_low"] > 0 else
+            "<b>The imaging network does not beat counting lesions</b> on this cohort: the difference is "
+            "not larger than the noise of a cohort this size, or it favours the count.")
+    items = "".join(f"<li>{delta_verdict(r)}</li>" for r in deltas.itertuples())
+    return admonition("note", "Conclusion", f"<p>{lead}</p><ul>{items}</ul>")

@@ -411,3 +411,14 @@ def test_cv_on_cuda_trains_patient_bags_with_auxiliary_targets(tiny_crops, tmp_p
     assert np.isfinite(result.oof["risk"]).all() and result.fold_results["notes"].fillna("").eq("").all()
     history = _read(result.out_dir, "history.csv")
     assert np.isfinite(history["train_loss"]).all()
+
+
+def test_auxiliary_targets_are_scaled_on_training_lesions_only():
+    from psma_lib.cv import lesion_target_values, standardise_targets
+
+    lesions = pd.DataFrame({"suvmax": [np.e, np.e**3, 1e6, np.nan], "volume_ml": [1.0, np.e**2, 1e6, 0.0]})
+    values = lesion_target_values(lesions)
+    assert np.isnan(values[3]).all()  # unknown or non-positive: no target
+    train = np.array([True, True, False, False])
+    z = standardise_targets(values, train).numpy()
+    assert np.allclose(z[:2], [[-1, -1], [1, 1]])  # the huge test lesion moves nothing

@@ -89,3 +89,14 @@ def test_lesion_truth_table_aligns_by_lesion_id_and_names_missing_lesions():
     assert table["log_volume"].tolist() == pytest.approx([1.0, 0.0]) and table["bone"].tolist() == [0.0, 1.0]
     with pytest.raises(KeyError, match="c"):
         lesion_truth_table(oof.assign(lesion_id=["b", "c"]), truth)
+
+
+def test_structural_baselines_are_the_count_and_the_noise_of_the_same_folds():
+    from psma_lib.recovery import structural_baselines
+
+    rng = np.random.default_rng(4)
+    counts = rng.integers(1, 8, 100)
+    patients, lesions = _cohort(100, counts)
+    base = structural_baselines(patients, lesions, "sum", n_draws=20, seed=1)
+    assert base["log_count"] == pytest.approx(fold_mean_c(patients, np.log(counts)))
+    assert base["noise"]["mean"] == pytest.approx(noise_baseline(patients, lesions, "sum", 20, 1)["mean"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -140,3 +141,19 @@ def test_settings_table_and_banner(tmp_path):
     banner = report.data_banner({"synthetic": True, "cohort_name": "synthetic-both-seed0"}, "ci", "m.yaml")
     assert "SYNTHETIC" in banner.data and "synthetic-both-seed0" in banner.data
     assert "Real cohort" in report.data_banner({"synthetic": False}, "ci", "m.yaml").data
+
+
+def test_comparison_and_repeat_tables_and_the_conclusion_follow_the_numbers():
+    summary = pd.DataFrame({"model": ["net", "noise"], "fold_mean": [0.71, 0.69], "ci_low": [0.63, np.nan],
+                            "ci_high": [0.79, np.nan], "fold_min": [0.6, np.nan], "fold_max": [0.8, np.nan],
+                            "pooled_standardised": [0.7, np.nan]})
+    shown = report.comparison_table(summary).set_index("Model")
+    assert shown.loc["net"].tolist() == ["0.710 (0.630–0.790)", "0.60–0.80", "0.700"]
+    assert shown.loc["noise"].tolist() == ["0.690", "", ""]
+    means = pd.DataFrame({"repeat": [0, 1], "fold seed": [0, 1], "net": [0.70, 0.74]})
+    assert report.repeat_table(means, ["net"])["net"].tolist() == ["0.700", "0.740", "0.720 (0.700–0.740)"]
+    deltas = pd.DataFrame({"comparison": ["net − count", "mm − clinical"], "delta": [-0.01, 0.13],
+                           "ci_low": [-0.08, 0.03], "ci_high": [0.06, 0.23]})
+    box = report.images_add_conclusion(deltas).data
+    assert "does not beat counting lesions" in box and "ranks patients better" in box
+    assert "ranks patients better than counting" in report.images_add_conclusion(deltas.iloc[::-1]).data
