@@ -25,22 +25,32 @@ count times the mask voxel volume. ``lesions.csv`` rounds centres to 0.001 mm, `
 ``suvmax`` and ``suvmean`` to 4 decimals. Conventional PSMA biomarkers (PSMA-TV, TL-PSMA, ...)
 are derived from these columns by :mod:`psma_lib.biomarkers`.
 
-Output (docs/ARCHITECTURE.md, "Crops directory"): ``crops.npy`` float32
-``[n_lesions, 2, D, H, W]`` (channel 0 PET, channel 1 CT), ``lesions.csv`` (row i describes
-``crops[i]`` and is row i of the manifest's lesions table), ``patients.csv`` (copy of the
-cohort's), ``crops.json``. The crop grid orientation is :data:`psma_lib.geometry.CROP_ORIENTATION`.
+Output (docs/ARCHITECTURE.md, "Crops directory", format version 2): ``lesions.csv`` (row i is
+row i of the manifest's lesions table, with the ``shard`` and ``row`` holding its crop),
+``patients.csv`` (copy of the cohort's), ``crops.json`` and ``shards/NNNNN-of-NNNNN/`` with
+``crops-NNNNN.npy`` ``[n_k, 2, D, H, W]`` (channel 0 PET, channel 1 CT) and the three central
+planes ``planes-<view>-NNNNN.npy``, so 2D training never reads a volume. The crop grid
+orientation is :data:`psma_lib.geometry.CROP_ORIENTATION`. :func:`load_crops` also reads version
+1 directories (one ``crops.npy``).
 
-The cohort is processed patient by patient in a process pool (one patient's volumes in memory
-per worker), results are written in manifest order into a ``.npy`` file inside a temporary
-directory that replaces ``out_dir`` only on success, so memory is flat in cohort size, a failure
-leaves nothing behind, and the output is identical for any number of workers.
+Storage is float32 (exact) or float16 (``dtype="float16"``, half the bytes); float16's error is
+measured on every crop as it is written and kept in ``crops.json`` (``storage_error``: largest
+absolute and relative error on PET SUV and CT HU). Readers always get float32.
+
+At scale, :func:`crop_shard` crops one of N contiguous groups of patients (e.g. one SLURM array
+task each) and :func:`merge_shards` then writes the tables that make the shards one crops
+directory, copying no array; :func:`crop_cohort` is shard 0 of 1 plus the merge. Patients are
+cropped one by one in a process pool (one patient's volumes in memory per worker) and written
+in manifest order into ``.npy`` files inside a temporary directory that replaces the output only
+on success, so memory is flat in cohort size, a failure leaves nothing behind, and the output
+is identical for any number of workers or shards (apart from the shard/row columns).
 
 >>> import tempfile; from psma_lib.testing import tiny_cohort
 >>> crops_dir = crop_cohort(tiny_cohort(), Path(tempfile.mkdtemp()) / "crops", size_mm=32,
 ...                         spacing_mm=4, workers=1, progress=False)
 >>> crop_set = load_crops(crops_dir)
->>> crop_set.images.shape[1:], crop_set.planes("axial").shape[1:]
-((2, 8, 8, 8), (2, 8, 8))
+>>> crop_set.images.shape[1:], crop_set.planes("axial").shape[1:], crop_set.meta["n_shards"]
+((2, 8, 8, 8), (2, 8, 8), 1)
 """
 
 from __future__ import annotations
@@ -51,7 +61,9 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,8 +84,9 @@ from .geometry import (
     world_to_voxel,
 )
 from .images import bounds_overlap_mm, image_bounds_mm, load_image
-from .io import atomic_dir
+from .io import atomic_dir, sha256_file
 from .repro import provenance
+from .shards import ShardedArray, npy_header, parse_shard, split_contiguous
 
 CenterMode = Literal["centroid", "suvmax", "given"]
 CENTER_MODES = ("centroid", "suvmax", "given")
@@ -81,10 +94,26 @@ View = Literal["axial", "coronal", "sagittal"]
 
 PET_PAD_SUV = 0.0
 CT_PAD_HU = -1000.0
-CROPS_FILE = "crops.npy"
 LESIONS_FILE = "lesions.csv"
 PATIENTS_FILE = "patients.csv"
 META_FILE = "crops.json"
+CROPS_FORMAT = "psma-pfs-crops"
+CROPS_VERSION = 2  # 1: one float32 crops.npy (still read); 2: shards with planes, float32/float16
+LEGACY_CROPS_FILE = "crops.npy"  # version 1's array
+SHARDS_DIR = "shards"
+SHARD_FORMAT = "psma-pfs-crop-shard"
+SHARD_META_FILE = "shard.json"
+SHARD_LESIONS_FILE = "lesions.csv"
+PLANE_VIEWS = ("axial", "coronal", "sagittal")
+STORAGE_DTYPES = ("float32", "float16")
+STORAGE_ERROR_CHANNELS = ("pet_suv", "ct_hu")
+#: Relative storage error is measured where |value| >= float16's smallest normal number.
+REL_ERROR_FLOOR = float(np.finfo(np.float16).smallest_normal)
+STORAGE_ERROR_NOTE = (
+    "float16 storage error measured on every crop when written: max_abs = largest |stored - "
+    f"float32| (SUV, HU); max_rel = largest |stored - float32| / |float32| where |float32| >= "
+    f"{REL_ERROR_FLOOR:.3g}; max_value = largest |float32|. Null: float32 storage, exact.")
+SETTING_KEYS = ("size_mm", "spacing_mm", "center_mode", "dtype", "item_shape")
 LESION_TABLE_COLUMNS = (
     "patient_id", "lesion_id", "site", "center_x_mm", "center_y_mm", "center_z_mm",
     "volume_ml", "suvmax", "suvmean", "edge",
@@ -217,17 +246,19 @@ class _PatientTask:
     """Everything a worker needs to crop one patient's lesions (plain, picklable values)."""
 
     patient_id: str
-    files: dict[str, tuple[str, str]]  # kind -> (absolute path, path as named in the manifest)
+    files: dict[str, tuple[str, str, str]]  # kind -> (absolute path, path in the manifest, SHA-256)
     lesions: list[tuple[str, int | None, tuple[float, float, float] | None]]  # id, label, centre
     size_mm: float
     spacing_mm: float
     center_mode: str
+    dtype: str
 
 
 @dataclass
 class _PatientResult:
-    crops: np.ndarray | None = None  # [k, 2, D, H, W]
+    crops: np.ndarray | None = None  # [k, 2, D, H, W] in the storage dtype
     stats: list[dict] = field(default_factory=list)  # centre, volume_ml, suvmax, suvmean, edge
+    storage_error: dict | None = None  # float16 storage: measure_storage_error of these crops
     error: tuple[str, str | None, str | None] | None = None  # InputError (problem, patient, file)
 
 
@@ -245,11 +276,23 @@ def _crop_patient_safe(task: _PatientTask) -> _PatientResult:
         return _PatientResult(error=(exc.problem, exc.patient, exc.file))
 
 
+def _check_sha256(path: str, expected: str, *, patient: str, file: str) -> None:
+    """The manifest pins each image's SHA-256: crop only files that still match it (a missing
+    file is left to :func:`~psma_lib.images.load_image`'s message)."""
+    if expected and Path(path).is_file():
+        actual = sha256_file(path)
+        if actual != expected:
+            raise InputError(f"SHA-256 mismatch (images.csv {expected[:12]}..., file {actual[:12]}...):"
+                             " the file changed after the manifest was written",
+                             patient=patient, file=file)
+
+
 def _crop_patient(task: _PatientTask) -> _PatientResult:
     """Load one patient's PET, CT (and mask), locate and measure its lesions, crop them."""
     pid = task.patient_id
     volumes = {}
-    for kind, (path, label) in task.files.items():
+    for kind, (path, label, sha256) in task.files.items():
+        _check_sha256(path, sha256, patient=pid, file=label)
         volumes[kind] = load_image(path, patient=pid, kind=kind, label=label)
     pet, pet_affine = volumes["pet"]
     ct, ct_affine = volumes["ct"]
@@ -308,12 +351,497 @@ def _crop_patient(task: _PatientTask) -> _PatientResult:
                                task.size_mm, task.spacing_mm)
     for lesion_stats, flag in zip(stats, edge, strict=True):
         lesion_stats["edge"] = int(flag)
-    return _PatientResult(crops=crops, stats=stats)
+    stored, storage_error = _to_storage(crops, task.dtype, pid, pet_file)
+    return _PatientResult(crops=stored, stats=stats, storage_error=storage_error)
+
 
 
 # ---------------------------------------------------------------------------------------------
-# The cohort
+# Storage: float32 or float16 shards, the central planes
 # ---------------------------------------------------------------------------------------------
+
+
+def measure_storage_error(crops: np.ndarray, stored: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per channel, how far the ``stored`` crops (e.g. float16) are from the float32 ``crops``.
+
+    Args:
+        crops: float32 ``[n, 2, ...]`` as cropped (channel 0 PET in SUV, channel 1 CT in HU).
+        stored: the same crops in their storage dtype.
+
+    Returns:
+        ``{"pet_suv": {...}, "ct_hu": {...}}``, each with ``max_abs`` (largest
+        ``|stored - crop|``, in SUV or HU), ``max_rel`` (largest ``|stored - crop| / |crop|`` over
+        voxels with ``|crop| >= REL_ERROR_FLOOR``; below it the absolute error is at most 3e-8)
+        and ``max_value`` (largest ``|crop|``).
+
+    >>> crops = np.array([[[0.1, 20.3], [-1000.3, 40.0]]], np.float32)
+    >>> error = measure_storage_error(crops, crops.astype(np.float16))
+    >>> {k: float(f"{v:.3g}") for k, v in error["pet_suv"].items()}  # 20.3 SUV stored as 20.297
+    {'max_abs': 0.00312, 'max_rel': 0.000244, 'max_value': 20.3}
+    >>> {k: float(f"{v:.3g}") for k, v in error["ct_hu"].items()}  # -1000.3 HU stored as -1000.5
+    {'max_abs': 0.2, 'max_rel': 0.0002, 'max_value': 1000.0}
+    """
+    record = {}
+    for channel, name in enumerate(STORAGE_ERROR_CHANNELS):
+        exact = np.asarray(crops[:, channel], dtype=np.float64)
+        diff = np.abs(np.asarray(stored[:, channel], dtype=np.float64) - exact)
+        magnitude = np.abs(exact)
+        normal = magnitude >= REL_ERROR_FLOOR
+        record[name] = {
+            "max_abs": float(diff.max(initial=0.0)),
+            "max_rel": float((diff[normal] / magnitude[normal]).max(initial=0.0)),
+            "max_value": float(magnitude.max(initial=0.0)),
+        }
+    return record
+
+
+def _combine_storage_errors(records: list[dict]) -> dict[str, dict[str, float]]:
+    """The worst of several :func:`measure_storage_error` records, field by field."""
+    return {channel: {key: max(r[channel][key] for r in records)
+                      for key in ("max_abs", "max_rel", "max_value")}
+            for channel in STORAGE_ERROR_CHANNELS}
+
+
+def _to_storage(crops: np.ndarray, dtype: str, patient: str, file: str
+                ) -> tuple[np.ndarray, dict | None]:
+    """The crops in the storage dtype and, for float16, their measured error."""
+    if dtype == "float32":
+        return crops, None
+    stored = crops.astype(dtype)
+    if not np.isfinite(stored).all():
+        raise InputError(f"crop values up to {float(np.abs(crops).max()):.6g} exceed {dtype}'s range "
+                         f"({float(np.finfo(dtype).max):g}): crop with --dtype float32",
+                         patient=patient, file=file)
+    return stored, measure_storage_error(crops, stored)
+
+
+def _central_plane(crops, view: str):
+    """The plane through each crop's centre voxel: ``crops[:, :, D//2]`` (axial),
+    ``crops[:, :, :, H//2]`` (coronal) or ``crops[:, :, :, :, W//2]`` (sagittal)."""
+    n_d, n_h, n_w = crops.shape[2:]
+    if view == "axial":
+        return crops[:, :, n_d // 2]
+    if view == "coronal":
+        return crops[:, :, :, n_h // 2]
+    if view == "sagittal":
+        return crops[:, :, :, :, n_w // 2]
+    raise ValueError(f"view must be 'axial', 'coronal' or 'sagittal', got {view!r}")
+
+
+def _plane_shape(item_shape: tuple[int, ...], view: str) -> tuple[int, ...]:
+    """One lesion's plane shape for a crop of ``item_shape`` = ``(2, D, H, W)``."""
+    channels, n_d, n_h, n_w = item_shape
+    return {"axial": (channels, n_h, n_w), "coronal": (channels, n_d, n_w),
+            "sagittal": (channels, n_d, n_h)}[view]
+
+
+def shard_name(shard: int, n_shards: int) -> str:
+    """The folder of shard ``shard`` of ``n_shards`` under ``CROPS/shards/``.
+
+    >>> shard_name(3, 16)
+    '00003-of-00016'
+    """
+    return f"{shard:05d}-of-{n_shards:05d}"
+
+
+def _shard_files(shard: int) -> dict[str, str]:
+    """A shard's array files: ``volume`` -> ``crops-00003.npy``, each view -> its planes."""
+    return {"volume": f"crops-{shard:05d}.npy",
+            **{view: f"planes-{view}-{shard:05d}.npy" for view in PLANE_VIEWS}}
+
+
+def _file_shapes(item_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """One lesion's shape in each of a shard's array files."""
+    return {"volume": item_shape, **{view: _plane_shape(item_shape, view) for view in PLANE_VIEWS}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The cohort: shards and their merge
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What defines a crop's output (besides the data)."""
+
+    size_mm: float
+    spacing_mm: float
+    center: str
+    dtype: str
+
+    def record(self) -> dict:
+        return {"size_mm": self.size_mm, "spacing_mm": self.spacing_mm,
+                "center_mode": self.center, "dtype": self.dtype}
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        return (2, *crop_shape(self.size_mm, self.spacing_mm))
+
+
+def _settings(size_mm: float, spacing_mm: float, center: str, dtype: str) -> _Settings:
+    if center not in CENTER_MODES:
+        raise InputError(f"center must be one of {', '.join(CENTER_MODES)}, got {center!r}")
+    if dtype not in STORAGE_DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
+    try:
+        crop_shape(size_mm, spacing_mm)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    return _Settings(float(size_mm), float(spacing_mm), center, dtype)
+
+
+def _open_cohort(manifest_path: str | os.PathLike):
+    """(manifest file, cohort, data checksum). Image hashes are checked patient by patient as
+    each is cropped, so a shard reads only its own patients' files."""
+    from .manifest import data_checksum, load_manifest, manifest_file
+
+    manifest_path = manifest_file(manifest_path).resolve()
+    cohort = load_manifest(manifest_path, hash_images=False)
+    if len(cohort.lesions) == 0:
+        raise InputError("the cohort has no lesions to crop", file=str(manifest_path))
+    return manifest_path, cohort, data_checksum(manifest_path)
+
+
+def _shard_of_rows(cohort, n_shards: int, manifest_path: Path) -> np.ndarray:
+    """The shard of each row of the manifest's lesions table: the patients with lesions, in
+    patients.csv order, split into ``n_shards`` contiguous groups of sizes differing by <= 1."""
+    with_lesions = set(cohort.lesions["patient_id"])
+    patients = [pid for pid in cohort.patients["patient_id"] if pid in with_lesions]
+    if n_shards > len(patients):
+        raise InputError(f"cannot split {len(patients)} patients with lesions into {n_shards} shards "
+                         f"(use at most {len(patients)})", file=str(manifest_path))
+    shard_of = {}
+    for shard, group in enumerate(split_contiguous(len(patients), n_shards)):
+        shard_of.update((patients[i], shard) for i in group)
+    return cohort.lesions["patient_id"].map(shard_of).to_numpy(dtype=np.int64)
+
+
+def crop_shard(
+    manifest_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard: int = 0,
+    n_shards: int = 1,
+    *,
+    size_mm: float = 64.0,
+    spacing_mm: float = 2.0,
+    center: CenterMode = "centroid",
+    dtype: str = "float32",
+    workers: int = 2,
+    progress: bool = True,
+) -> Path:
+    """Crop shard ``shard`` of ``n_shards`` of a cohort into ``out_dir/shards/<shard_name>/``.
+
+    The cohort's patients with lesions, in ``patients.csv`` order, are split into ``n_shards``
+    contiguous groups whose sizes differ by at most one; a shard crops every lesion of its
+    group's patients (a patient is never split), checks those patients' image SHA-256 and
+    writes its folder atomically, so shards can run at once on different machines that share
+    ``out_dir``. :func:`merge_shards` then makes ``out_dir`` a crops directory.
+
+    Args:
+        manifest_path, size_mm, spacing_mm, center, workers, progress: as :func:`crop_cohort`.
+        out_dir: the crops directory the shard belongs to (created if missing).
+        shard, n_shards: which shard (0 to ``n_shards - 1``) of how many.
+        dtype: storage dtype, ``"float32"`` or ``"float16"`` (module docstring).
+
+    Returns:
+        The shard's folder.
+
+    Raises:
+        InputError: bad settings or shard numbers, more shards than patients, or any error of
+            :func:`crop_cohort` for this shard's patients; the shard's folder is then left as
+            it was.
+    """
+    settings = _settings(size_mm, spacing_mm, center, dtype)
+    _check_shard(shard, n_shards)
+    _check_workers(workers)
+    manifest_path, cohort, checksum = _open_cohort(manifest_path)
+    return _crop_shard(cohort, checksum, manifest_path, Path(out_dir), shard, n_shards, settings,
+                       workers, progress)
+
+
+def _check_shard(shard: int, n_shards: int) -> None:
+    if n_shards < 1 or not 0 <= shard < n_shards:
+        raise InputError(f"shard {shard} of {n_shards}: need 0 <= shard < n_shards "
+                         "(shards are numbered from 0)")
+
+
+def _check_workers(workers: int) -> None:
+    if workers < 1:
+        raise InputError(f"workers must be >= 1, got {workers}")
+
+
+def _crop_shard(cohort, checksum: str, manifest_path: Path, out_dir: Path, shard: int,
+                n_shards: int, settings: _Settings, workers: int, progress: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    rows = np.flatnonzero(_shard_of_rows(cohort, n_shards, manifest_path) == shard)
+    lesions = cohort.lesions.iloc[rows]
+    tasks, task_rows = _patient_tasks(cohort, lesions, settings)
+    local = {int(row): i for i, row in enumerate(rows)}  # manifest row -> row in this shard
+    table = lesions[["patient_id", "lesion_id", "site"]].copy()
+    table.insert(0, "index", rows)
+    for column in LESION_TABLE_COLUMNS[3:]:
+        table[column] = np.nan
+    errors = []
+    folder = out_dir / SHARDS_DIR / shard_name(shard, n_shards)
+    with atomic_dir(folder) as tmp:
+        files = {key: tmp / name for key, name in _shard_files(shard).items()}
+        for key, shape in _file_shapes(settings.item_shape).items():
+            np.lib.format.open_memmap(files[key], mode="w+", dtype=settings.dtype,
+                                      shape=(len(rows), *shape)).flush()
+        bar = tqdm(total=len(tasks), desc=f"crop {shard_name(shard, n_shards)}", unit="patient",
+                   disable=not progress)
+        for task, result in zip(tasks, _run_in_order(tasks, workers), strict=True):
+            if result.error is not None:
+                problem, patient, file = result.error
+                raise InputError(problem, patient=patient, file=file)
+            patient_rows = task_rows[task.patient_id]
+            shard_rows = [local[row] for row in patient_rows]
+            _write_rows(files["volume"], shard_rows, result.crops)
+            for view in PLANE_VIEWS:
+                _write_rows(files[view], shard_rows, _central_plane(result.crops, view))
+            if result.storage_error is not None:
+                errors.append(result.storage_error)
+            for row, lesion_stats in zip(patient_rows, result.stats, strict=True):
+                x, y, z = lesion_stats["center_mm"]
+                # Rounded for readable tables: 1 um and 0.1 uL / 1e-4 SUV are far below a voxel.
+                table.loc[row, list(LESION_TABLE_COLUMNS[3:])] = [
+                    round(x, 3), round(y, 3), round(z, 3), round(lesion_stats["volume_ml"], 4),
+                    round(lesion_stats["suvmax"], 4), round(lesion_stats["suvmean"], 4),
+                    lesion_stats["edge"]]
+            bar.update(1)
+        bar.close()
+        table["edge"] = table["edge"].astype(int)
+        table.to_csv(tmp / SHARD_LESIONS_FILE, index=False)
+        meta = {
+            "format": SHARD_FORMAT,
+            "version": CROPS_VERSION,
+            "shard": shard,
+            "n_shards": n_shards,
+            **settings.record(),
+            "item_shape": list(settings.item_shape),
+            "n_patients": len(tasks),
+            "n_lesions": len(rows),
+            "patients": [tasks[0].patient_id, tasks[-1].patient_id],
+            "manifest": str(manifest_path),
+            "data_checksum": checksum,
+            "storage_error": _combine_storage_errors(errors) if errors else None,
+            "provenance": provenance(**settings.record(), shard=shard, n_shards=n_shards,
+                                     workers=workers),
+        }
+        (tmp / SHARD_META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+def merge_shards(
+    manifest_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    size_mm: float | None = None,
+    spacing_mm: float | None = None,
+    center: CenterMode | None = None,
+    dtype: str | None = None,
+) -> Path:
+    """Make ``out_dir`` a crops directory from its finished shards, without copying the arrays.
+
+    Reads only each shard's lesion table, ``shard.json`` and array headers (memory grows with
+    the lesion table, not the arrays) and writes ``lesions.csv`` (row i = the manifest's lesion
+    i, with the ``shard`` and ``row`` that hold its crop), ``patients.csv`` and ``crops.json``
+    into ``out_dir``; ``crops.json`` is replaced last, so an interrupted merge leaves no
+    directory that loads.
+
+    Args:
+        manifest_path: the cohort's manifest (or its folder) the shards were cropped from.
+        out_dir: the crops directory holding ``shards/NNNNN-of-NNNNN/`` folders.
+        size_mm, spacing_mm, center, dtype: the settings the shards must have been cropped
+            with; None takes shard 0's (every shard must agree with it).
+
+    Returns:
+        ``out_dir`` as a Path.
+
+    Raises:
+        InputError: naming the shard: a missing shard, shards of different splits, a shard
+            cropped from another cohort (data checksum), with other settings, holding lesions
+            that are not its part of this manifest or another shard's (overlap), or with a
+            truncated array; ``out_dir`` is then left as it was.
+    """
+    given = {"size_mm": size_mm, "spacing_mm": spacing_mm, "center_mode": center, "dtype": dtype}
+    requested = {k: float(v) if k.endswith("_mm") else v for k, v in given.items() if v is not None}
+    manifest_path, cohort, checksum = _open_cohort(manifest_path)
+    return _merge(cohort, checksum, manifest_path, Path(out_dir), requested)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(f"{what} is incomplete: {path.name} missing", file=str(path))
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise InputError(f"cannot read JSON ({exc})", file=str(path)) from exc
+
+
+def _find_shards(shards_dir: Path) -> int:
+    """The number of shards the complete set of folders under ``shards_dir`` was split into."""
+    if not shards_dir.is_dir():
+        raise InputError("no shards to merge: crop them first (psma-pfs crop MANIFEST --out DIR "
+                         "--shard i/N for i = 0 .. N-1)", file=str(shards_dir))
+    found = set()
+    for entry in sorted(shards_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue  # a shard being written, or left behind by a killed job
+        match = re.fullmatch(r"(\d{5})-of-(\d{5})", entry.name)
+        if match is None or not entry.is_dir() or int(match[1]) >= int(match[2]):
+            raise InputError("not a shard folder (expected NNNNN-of-NNNNN, shard i of N)",
+                             file=str(entry))
+        found.add((int(match[1]), int(match[2])))
+    counts = sorted({n for _, n in found})
+    if not counts:
+        raise InputError("no shards to merge", file=str(shards_dir))
+    if len(counts) > 1:
+        raise InputError(f"shards of different splits ({', '.join(f'of {n}' for n in counts)}): "
+                         "remove the stale ones or crop every shard again", file=str(shards_dir))
+    n_shards = counts[0]
+    missing = [i for i in range(n_shards) if (i, n_shards) not in found]
+    if missing:
+        listed = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise InputError(f"shard {missing[0]} of {n_shards} is missing ({len(missing)} missing: "
+                         f"{listed}); crop it with psma-pfs crop MANIFEST --out "
+                         f"{shards_dir.parent} --shard {missing[0]}/{n_shards}",
+                         file=str(shards_dir / shard_name(missing[0], n_shards)))
+    return n_shards
+
+
+def _merge(cohort, checksum: str, manifest_path: Path, out_dir: Path, requested: dict) -> Path:
+    shards_dir = out_dir / SHARDS_DIR
+    n_shards = _find_shards(shards_dir)
+    expected = _shard_of_rows(cohort, n_shards, manifest_path)
+    n_lesions = len(cohort.lesions)
+    owner = np.full(n_lesions, -1, dtype=np.int64)
+    reference = dict(requested)
+    tables, records, errors = [], [], []
+    for shard in range(n_shards):
+        folder = shards_dir / shard_name(shard, n_shards)
+        where = str(folder / SHARD_META_FILE)
+        meta = _read_json(folder / SHARD_META_FILE, f"shard {shard} of {n_shards}")
+        if meta.get("format") != SHARD_FORMAT or meta.get("version") != CROPS_VERSION:
+            raise InputError(f"not a crop shard of format version {CROPS_VERSION}", file=where)
+        if (meta.get("shard"), meta.get("n_shards")) != (shard, n_shards):
+            raise InputError(f"holds shard {meta.get('shard')} of {meta.get('n_shards')}, not "
+                             f"{shard} of {n_shards} as its folder says", file=where)
+        if meta.get("data_checksum") != checksum:
+            raise InputError(f"shard {shard} was cropped from another cohort or another version of "
+                             f"it (data checksum {str(meta.get('data_checksum'))[:12]}..., manifest "
+                             f"{manifest_path}: {checksum[:12]}...): crop it again", file=where)
+        for key in SETTING_KEYS:
+            given = meta.get(key)
+            if key not in reference:
+                reference[key] = given
+            elif given != reference[key]:
+                source = "requested" if key in requested else "shard 0's"
+                raise InputError(f"shard {shard} was cropped with {key} {given}, not "
+                                 f"{reference[key]} ({source})", file=where)
+        settings = _settings(reference["size_mm"], reference["spacing_mm"],
+                             reference["center_mode"], reference["dtype"])
+        if list(settings.item_shape) != reference["item_shape"]:
+            raise InputError(f"item_shape {reference['item_shape']} does not match the size and "
+                             "spacing", file=where)
+
+        table = _read_shard_table(folder / SHARD_LESIONS_FILE, meta.get("n_lesions"))
+        rows = table["index"].to_numpy()
+        if rows.min(initial=0) < 0 or rows.max(initial=0) >= n_lesions:
+            raise InputError(f"lesion index outside the manifest's {n_lesions} lesions",
+                             file=str(folder / SHARD_LESIONS_FILE))
+        taken = np.flatnonzero(owner[rows] >= 0)
+        if len(taken):
+            row = rows[taken[0]]
+            raise InputError(f"shard {shard} overlaps shard {owner[row]}: lesion "
+                             f"{cohort.lesions.at[row, 'lesion_id']!r} of patient "
+                             f"{cohort.lesions.at[row, 'patient_id']} is in both", file=where)
+        owner[rows] = shard
+        ids = cohort.lesions.iloc[rows][["patient_id", "lesion_id"]].to_numpy()
+        if (not np.array_equal(rows, np.flatnonzero(expected == shard))
+                or not np.array_equal(table[["patient_id", "lesion_id"]].to_numpy(), ids)):
+            raise InputError(f"shard {shard} does not hold its part of this manifest's lesions "
+                             f"(split into {n_shards} shards): crop it again", file=where)
+        for key, name in _shard_files(shard).items():
+            shape, stored = npy_header(folder / name)
+            wanted = (len(rows), *_file_shapes(settings.item_shape)[key])
+            if shape != wanted or stored != np.dtype(settings.dtype):
+                raise InputError(f"array is {stored} {list(shape)}, expected {settings.dtype} "
+                                 f"{list(wanted)}", file=str(folder / name))
+        table["shard"] = shard
+        table["row"] = np.arange(len(table))
+        tables.append(table)
+        if meta.get("storage_error"):
+            errors.append(meta["storage_error"])
+        records.append({"name": shard_name(shard, n_shards), "n_patients": meta.get("n_patients"),
+                        "n_lesions": len(rows), "meta_sha256": sha256_file(folder / SHARD_META_FILE)})
+
+    merged = pd.concat(tables, ignore_index=True).set_index("index")
+    lesion_table = cohort.lesions[["patient_id", "lesion_id", "site"]].copy()
+    for column in (*LESION_TABLE_COLUMNS[3:], "shard", "row"):
+        lesion_table[column] = merged[column]
+    for column in ("edge", "shard", "row"):
+        lesion_table[column] = lesion_table[column].astype(int)
+    meta = {
+        "format": CROPS_FORMAT,
+        "version": CROPS_VERSION,
+        **settings.record(),
+        "shape": [n_lesions, *settings.item_shape],
+        "channels": ["PET (SUV)", "CT (HU)"],
+        "pad_values": {"pet_suv": PET_PAD_SUV, "ct_hu": CT_PAD_HU},
+        "interpolation": "trilinear for PET and CT, each through its own affine",
+        "orientation": CROP_ORIENTATION,
+        "row_order": "row i of lesions.csv is row i of the manifest's lesions.csv; its crop is "
+                     "row `row` of shard `shard`",
+        "storage": f"{settings.dtype} in shards/NNNNN-of-NNNNN/crops-NNNNN.npy and "
+                   "planes-<view>-NNNNN.npy; read as float32",
+        "storage_error": _combine_storage_errors(errors) if errors else None,
+        "storage_error_note": STORAGE_ERROR_NOTE,
+        "planes": list(PLANE_VIEWS),
+        "n_shards": n_shards,
+        "shards": records,
+        "n_patients": len(cohort.patients),
+        "n_lesions": n_lesions,
+        "n_edge": int(lesion_table["edge"].sum()),
+        "manifest": str(manifest_path),
+        "data_checksum": checksum,
+        "synthetic": bool(cohort.info.get("synthetic", False)),
+        "cohort_name": cohort.info.get("name"),
+        "provenance": provenance(**settings.record(), n_shards=n_shards),
+    }
+    _write_merged(out_dir, lesion_table, _patients_table_path(cohort), meta)
+    return out_dir
+
+
+def _read_shard_table(path: Path, n_lesions) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
+    except FileNotFoundError as exc:
+        raise InputError("shard is incomplete: lesions.csv missing", file=str(path)) from exc
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read CSV ({exc})", file=str(path)) from exc
+    missing = [c for c in ("index", *LESION_TABLE_COLUMNS) if c not in table.columns]
+    if missing:
+        raise InputError(f"missing column(s): {', '.join(missing)}", file=str(path))
+    if len(table) != n_lesions or not pd.api.types.is_integer_dtype(table["index"]):
+        raise InputError(f"{len(table)} lesions, shard.json says {n_lesions}", file=str(path))
+    return table
+
+
+def _write_merged(out_dir: Path, lesions: pd.DataFrame, patients_file: Path, meta: dict) -> None:
+    """Write the merged tables and ``crops.json`` beside the shards; ``crops.json`` (what makes
+    the folder load) is withdrawn first and written last."""
+    tmp = Path(tempfile.mkdtemp(prefix=".merge.", suffix=".tmp", dir=out_dir))
+    try:
+        lesions.to_csv(tmp / LESIONS_FILE, index=False)
+        shutil.copyfile(patients_file, tmp / PATIENTS_FILE)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (out_dir / META_FILE).unlink(missing_ok=True)
+        for name in (LESIONS_FILE, PATIENTS_FILE, META_FILE):
+            os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def crop_cohort(
@@ -324,8 +852,12 @@ def crop_cohort(
     center: CenterMode = "centroid",
     workers: int = 2,
     progress: bool = True,
+    dtype: str = "float32",
 ) -> Path:
     """Crop every lesion of a cohort and write a crops directory (see module docstring).
+
+    The same as :func:`crop_shard` for shard 0 of 1 followed by :func:`merge_shards`, with the
+    whole directory written atomically.
 
     Args:
         manifest_path: the cohort's ``manifest.yaml`` (or its folder).
@@ -336,95 +868,35 @@ def crop_cohort(
         workers: processes cropping patients in parallel (1 = in this process); the output does
             not depend on it.
         progress: show a tqdm progress bar over patients.
+        dtype: storage dtype, ``"float32"`` (exact) or ``"float16"`` (half the bytes; the
+            measured error is in ``crops.json``'s ``storage_error``); read back as float32.
 
     Returns:
         ``out_dir`` as a Path.
 
     Raises:
-        InputError: an invalid manifest, an unreadable or bad image, a missing mask label, or a
-            lesion centre outside the PET field of view (naming patient, lesion and file);
-            ``out_dir`` is then left as it was.
+        InputError: an invalid manifest, an image that changed since the manifest was written
+            (SHA-256), an unreadable or bad image, a missing mask label, or a lesion centre
+            outside the PET field of view (naming patient, lesion and file); ``out_dir`` is then
+            left as it was.
     """
-    from tqdm.auto import tqdm
-
-    from .manifest import data_checksum, load_manifest, manifest_file
-
-    if center not in CENTER_MODES:
-        raise InputError(f"center must be one of {', '.join(CENTER_MODES)}, got {center!r}")
-    if workers < 1:
-        raise InputError(f"workers must be >= 1, got {workers}")
-    try:
-        shape = crop_shape(size_mm, spacing_mm)
-    except ValueError as exc:
-        raise InputError(str(exc)) from exc
-    manifest_path = manifest_file(manifest_path).resolve()
-    cohort = load_manifest(manifest_path)
-    tasks, rows = _patient_tasks(cohort, float(size_mm), float(spacing_mm), center)
-    n_lesions = len(cohort.lesions)
-    if n_lesions == 0:
-        raise InputError("the cohort has no lesions to crop", file=str(manifest_path))
-
-    lesion_table = cohort.lesions[["patient_id", "lesion_id", "site"]].copy()
-    for column in LESION_TABLE_COLUMNS[3:]:
-        lesion_table[column] = np.nan
+    settings = _settings(size_mm, spacing_mm, center, dtype)
+    _check_workers(workers)
+    manifest_path, cohort, checksum = _open_cohort(manifest_path)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        crops_file = tmp / CROPS_FILE
-        np.lib.format.open_memmap(crops_file, mode="w+", dtype=np.float32,
-                                  shape=(n_lesions, 2, *shape)).flush()
-        bar = tqdm(total=len(tasks), desc="crop", unit="patient", disable=not progress)
-        for task, result in zip(tasks, _run_in_order(tasks, workers), strict=True):
-            if result.error is not None:
-                problem, patient, file = result.error
-                raise InputError(problem, patient=patient, file=file)
-            patient_rows = rows[task.patient_id]
-            _write_rows(crops_file, patient_rows, result.crops)
-            for row, lesion_stats in zip(patient_rows, result.stats, strict=True):
-                x, y, z = lesion_stats["center_mm"]
-                # Rounded for readable tables: 1 um and 0.1 uL / 1e-4 SUV are far below a voxel.
-                lesion_table.loc[row, list(LESION_TABLE_COLUMNS[3:])] = [
-                    round(x, 3), round(y, 3), round(z, 3), round(lesion_stats["volume_ml"], 4),
-                    round(lesion_stats["suvmax"], 4), round(lesion_stats["suvmean"], 4),
-                    lesion_stats["edge"]]
-            bar.update(1)
-        bar.close()
-
-        lesion_table["edge"] = lesion_table["edge"].astype(int)
-        lesion_table.to_csv(tmp / LESIONS_FILE, index=False)
-        shutil.copyfile(_patients_table_path(cohort), tmp / PATIENTS_FILE)
-        meta = {
-            "format": "psma-pfs-crops",
-            "version": 1,
-            "size_mm": float(size_mm),
-            "spacing_mm": float(spacing_mm),
-            "shape": [n_lesions, 2, *shape],
-            "channels": ["PET (SUV)", "CT (HU)"],
-            "pad_values": {"pet_suv": PET_PAD_SUV, "ct_hu": CT_PAD_HU},
-            "interpolation": "trilinear for PET and CT, each through its own affine",
-            "orientation": CROP_ORIENTATION,
-            "center_mode": center,
-            "row_order": "row i of crops.npy and lesions.csv is row i of the manifest's lesions.csv",
-            "n_patients": len(cohort.patients),
-            "n_lesions": n_lesions,
-            "n_edge": int(lesion_table["edge"].sum()),
-            "manifest": str(manifest_path),
-            "data_checksum": data_checksum(manifest_path),
-            "synthetic": bool(cohort.info.get("synthetic", False)),
-            "cohort_name": cohort.info.get("name"),
-            "provenance": provenance(size_mm=float(size_mm), spacing_mm=float(spacing_mm),
-                                     center=center, workers=workers),
-        }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _crop_shard(cohort, checksum, manifest_path, tmp, 0, 1, settings, workers, progress)
+        _merge(cohort, checksum, manifest_path, tmp, {})
     return out_dir
 
 
-def _patient_tasks(cohort, size_mm: float, spacing_mm: float, center: str
+def _patient_tasks(cohort, lesions: pd.DataFrame, settings: _Settings
                    ) -> tuple[list[_PatientTask], dict[str, list[int]]]:
-    """One task per patient with lesions (in order of first appearance in the lesions table)
-    and, per patient, the output rows of its lesions."""
+    """One task per patient of ``lesions`` (in order of first appearance) and, per patient, the
+    manifest rows (``lesions``' index) of its lesions."""
     images = cohort.images.set_index("patient_id")
     tasks, rows = [], {}
-    for pid, group in cohort.lesions.groupby("patient_id", sort=False):
+    for pid, group in lesions.groupby("patient_id", sort=False):
         pid = str(pid)
         if pid not in images.index:
             raise InputError("patient has lesions but no row in images.csv", patient=pid)
@@ -432,14 +904,16 @@ def _patient_tasks(cohort, size_mm: float, spacing_mm: float, center: str
         for kind in ("pet", "ct", "mask"):
             relative = str(images.at[pid, kind] or "")
             if relative:
-                files[kind] = (str(cohort.root / relative), relative)
-        lesions = []
+                files[kind] = (str(cohort.root / relative), relative,
+                               str(images.at[pid, f"{kind}_sha256"] or ""))
+        task_lesions = []
         for _, lesion in group.iterrows():
             label = None if pd.isna(lesion["mask_label"]) else int(lesion["mask_label"])
             centre = tuple(float(lesion[c]) for c in ("center_x_mm", "center_y_mm", "center_z_mm"))
-            lesions.append((str(lesion["lesion_id"]), label,
-                            None if any(math.isnan(c) for c in centre) else centre))
-        tasks.append(_PatientTask(pid, files, lesions, size_mm, spacing_mm, center))
+            task_lesions.append((str(lesion["lesion_id"]), label,
+                                 None if any(math.isnan(c) for c in centre) else centre))
+        tasks.append(_PatientTask(pid, files, task_lesions, settings.size_mm, settings.spacing_mm,
+                                  settings.center, settings.dtype))
         rows[pid] = [int(row) for row in group.index]
     return tasks, rows
 
@@ -468,14 +942,14 @@ def _run_in_order(tasks: list[_PatientTask], workers: int):
                 future.cancel()
 
 
-def _write_rows(crops_file: Path, rows: list[int], crops: np.ndarray) -> None:
-    """Write ``crops[i]`` to row ``rows[i]`` of the .npy file, mapping it only for this write
+def _write_rows(array_file: Path, rows: list[int], values: np.ndarray) -> None:
+    """Write ``values[i]`` to row ``rows[i]`` of the .npy file, mapping it only for this write
     (so the written pages leave this process's resident memory)."""
-    array = np.lib.format.open_memmap(crops_file, mode="r+")
+    array = np.lib.format.open_memmap(array_file, mode="r+")
     if rows == list(range(rows[0], rows[0] + len(rows))):
-        array[rows[0]:rows[0] + len(rows)] = crops
+        array[rows[0]:rows[0] + len(rows)] = values
     else:
-        array[rows] = crops
+        array[rows] = values
     array.flush()
     del array
 
@@ -496,20 +970,25 @@ class CropSet:
     """A loaded crops directory.
 
     Attributes:
-        images: float32 ``[n, 2, D, H, W]`` (memory-mapped, read-only): channel 0 PET (SUV),
-            channel 1 CT (HU), axes along world (+z, +y, +x).
+        images: float32 ``[n, 2, D, H, W]``, read-only: channel 0 PET (SUV), channel 1 CT (HU),
+            axes along world (+z, +y, +x). A :class:`~psma_lib.shards.ShardedArray` that reads
+            only the rows indexed (stored float32 or float16, returned float32); for a crops
+            directory of format version 1, the memory-mapped ``crops.npy``.
         lesions: row i describes ``images[i]`` (``LESION_TABLE_COLUMNS``; ids as str;
             ``suvmean`` is NaN for a crops directory written before it was measured).
         patients: the cohort's patients table (clinical + outcome; ``patient_id`` as str).
         meta: the ``crops.json`` record (size, spacing, orientation, checksum, provenance, ...).
         root: the crops directory it was loaded from.
+        plane_arrays: view -> the central planes written at crop time (None: sliced from
+            ``images``, as for a version 1 directory).
     """
 
-    images: np.ndarray
+    images: np.ndarray | ShardedArray
     lesions: pd.DataFrame
     patients: pd.DataFrame
     meta: dict
     root: Path | None = None
+    plane_arrays: dict[str, ShardedArray] | None = None
 
     @property
     def n_lesions(self) -> int:
@@ -526,25 +1005,24 @@ class CropSet:
         ``"axial"``: ``images[:, :, D//2]`` -> ``[n, 2, H, W]`` (rows +y, columns +x);
         ``"coronal"``: ``images[:, :, :, H//2]`` -> ``[n, 2, D, W]`` (rows +z, columns +x);
         ``"sagittal"``: ``images[:, :, :, :, W//2]`` -> ``[n, 2, D, H]`` (rows +z, columns +y).
+        Read from the plane files written at crop time when there are some (no volume is
+        read), else sliced from the volumes.
         """
-        n_d, n_h, n_w = self.images.shape[2:]
-        if view == "axial":
-            plane = self.images[:, :, n_d // 2]
-        elif view == "coronal":
-            plane = self.images[:, :, :, n_h // 2]
-        elif view == "sagittal":
-            plane = self.images[:, :, :, :, n_w // 2]
-        else:
+        if view not in PLANE_VIEWS:
             raise ValueError(f"view must be 'axial', 'coronal' or 'sagittal', got {view!r}")
-        return np.array(plane, dtype=np.float32)
+        if self.plane_arrays is not None:
+            return np.asarray(self.plane_arrays[view])
+        return np.array(_central_plane(self.images, view), dtype=np.float32)
 
 
 def load_crops(crops_dir: str | os.PathLike) -> CropSet:
-    """Open a crops directory written by :func:`crop_cohort`.
+    """Open a crops directory written by :func:`crop_cohort` or :func:`merge_shards` (format
+    version 2), or a version 1 one (a single ``crops.npy``). Reads the tables, ``crops.json``
+    and the arrays' headers, never the arrays' data.
 
     Raises:
-        InputError: a missing file, an unreadable array/table/JSON, or shapes that disagree
-            (array vs ``crops.json`` vs number of rows in ``lesions.csv``).
+        InputError: a missing file, an unreadable array/table/JSON, shapes that disagree
+            (arrays vs ``crops.json`` vs ``lesions.csv``), or a shard changed since the merge.
 
     >>> import tempfile; from psma_lib.testing import write_tiny_crops
     >>> crop_set = load_crops(write_tiny_crops(Path(tempfile.mkdtemp()), n_patients=6, size=8))
@@ -554,18 +1032,15 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
     crops_dir = Path(crops_dir)
     if not crops_dir.is_dir():
         raise InputError("crops directory not found", file=str(crops_dir))
-    for name in (CROPS_FILE, LESIONS_FILE, PATIENTS_FILE, META_FILE):
+    for name in (META_FILE, LESIONS_FILE, PATIENTS_FILE):
         if not (crops_dir / name).is_file():
             raise InputError("crops directory is incomplete: file missing (rerun psma-pfs crop)",
                              file=str(crops_dir / name))
-    try:
-        images = np.load(crops_dir / CROPS_FILE, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise InputError(f"cannot read crop array ({exc})", file=str(crops_dir / CROPS_FILE)) from exc
-    try:
-        meta = json.loads((crops_dir / META_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read JSON ({exc})", file=str(crops_dir / META_FILE)) from exc
+    meta = _read_json(crops_dir / META_FILE, "crops directory")
+    version = meta.get("version", 1)
+    if version not in (1, CROPS_VERSION):
+        raise InputError(f"crops directory format version {version!r}: this psma_lib reads "
+                         f"versions 1 and {CROPS_VERSION}", file=str(crops_dir / META_FILE))
     tables = {}
     for name in (LESIONS_FILE, PATIENTS_FILE):
         try:
@@ -580,8 +1055,29 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
     if missing:
         raise InputError(f"missing column(s): {', '.join(missing)}", file=str(crops_dir / LESIONS_FILE))
     lesions["site"] = lesions["site"].fillna("").astype(str)
+    if version == 1:
+        images, planes = _open_version_1(crops_dir, meta, lesions), None
+    else:
+        images, planes = _open_shards(crops_dir, meta, lesions)
+        lesions = lesions.drop(columns=["shard", "row"])
+    unknown = sorted(set(lesions["patient_id"]) - set(tables[PATIENTS_FILE]["patient_id"]))
+    if unknown:
+        raise InputError(f"lesions of patients missing from patients.csv: {', '.join(unknown[:5])}",
+                         file=str(crops_dir / PATIENTS_FILE))
+    return CropSet(images=images, lesions=lesions, patients=tables[PATIENTS_FILE], meta=meta,
+                   root=crops_dir, plane_arrays=planes)
 
-    where = str(crops_dir / CROPS_FILE)
+
+def _open_version_1(crops_dir: Path, meta: dict, lesions: pd.DataFrame) -> np.ndarray:
+    """A version 1 directory's single float32 ``crops.npy``, memory-mapped."""
+    where = str(crops_dir / LEGACY_CROPS_FILE)
+    if not (crops_dir / LEGACY_CROPS_FILE).is_file():
+        raise InputError("crops directory is incomplete: file missing (rerun psma-pfs crop)",
+                         file=where)
+    try:
+        images = np.load(crops_dir / LEGACY_CROPS_FILE, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(f"cannot read crop array ({exc})", file=where) from exc
     if images.dtype != np.float32 or images.ndim != 5 or images.shape[1] != 2:
         raise InputError(f"expected float32 [n, 2, D, H, W], got {images.dtype} {list(images.shape)}",
                          file=where)
@@ -590,12 +1086,58 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
                          f"{meta.get('shape')}", file=where)
     if len(lesions) != images.shape[0]:
         raise InputError(f"{len(lesions)} rows in lesions.csv but {images.shape[0]} crops", file=where)
-    unknown = sorted(set(lesions["patient_id"]) - set(tables[PATIENTS_FILE]["patient_id"]))
-    if unknown:
-        raise InputError(f"lesions of patients missing from patients.csv: {', '.join(unknown[:5])}",
-                         file=str(crops_dir / PATIENTS_FILE))
-    return CropSet(images=images, lesions=lesions, patients=tables[PATIENTS_FILE], meta=meta,
-                   root=crops_dir)
+    return images
+
+
+def _open_shards(crops_dir: Path, meta: dict, lesions: pd.DataFrame
+                 ) -> tuple[ShardedArray, dict[str, ShardedArray]]:
+    """The volumes and planes of a version 2 directory as lazy arrays (headers checked only)."""
+    meta_file = str(crops_dir / META_FILE)
+    try:
+        shape = [int(n) for n in meta["shape"]]
+        records = list(meta["shards"])
+        stored = np.dtype(meta["dtype"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"crops.json lacks a valid shape, shards or dtype ({exc})",
+                         file=meta_file) from exc
+    item_shape = tuple(shape[1:])
+    if len(item_shape) != 4 or item_shape[0] != 2 or stored.name not in STORAGE_DTYPES:
+        raise InputError(f"expected [n, 2, D, H, W] in {', '.join(STORAGE_DTYPES)}, crops.json "
+                         f"says {stored} {shape}", file=meta_file)
+    lesions_file = str(crops_dir / LESIONS_FILE)
+    if len(lesions) != shape[0]:
+        raise InputError(f"{len(lesions)} rows in lesions.csv but crops.json shape {shape}",
+                         file=lesions_file)
+    if not {"shard", "row"} <= set(lesions.columns) or not all(
+            pd.api.types.is_integer_dtype(lesions[c]) for c in ("shard", "row")):
+        raise InputError("lesions.csv needs integer shard and row columns", file=lesions_file)
+    shard, row = lesions["shard"].to_numpy(np.int64), lesions["row"].to_numpy(np.int64)
+    counts = np.array([int(r["n_lesions"]) for r in records], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    inside = (shard >= 0) & (shard < len(records))
+    inside[inside] &= (row[inside] >= 0) & (row[inside] < counts[shard[inside]])
+    if not inside.all() or len(np.unique(offsets[shard] + row)) != len(lesions) \
+            or offsets[-1] != len(lesions):
+        raise InputError("shard and row columns do not map each lesion to its own row of the "
+                         "shards listed in crops.json", file=lesions_file)
+    files: dict[str, list[Path]] = {key: [] for key in ("volume", *PLANE_VIEWS)}
+    file_shapes = _file_shapes(item_shape)
+    for index, record in enumerate(records):
+        folder = crops_dir / SHARDS_DIR / str(record["name"])
+        shard_meta = folder / SHARD_META_FILE
+        if not shard_meta.is_file() or sha256_file(shard_meta) != record.get("meta_sha256"):
+            raise InputError("shard missing or cropped again since the merge: merge again "
+                             "(psma-pfs crop MANIFEST --out DIR --merge)", file=str(shard_meta))
+        for key, name in _shard_files(index).items():
+            path = folder / name
+            found, dtype = npy_header(path)
+            if found != (int(counts[index]), *file_shapes[key]) or dtype != stored:
+                raise InputError(f"array {dtype} {list(found)} disagrees with crops.json ({stored} "
+                                 f"{[int(counts[index]), *file_shapes[key]]})", file=str(path))
+            files[key].append(path)
+    images = ShardedArray(files["volume"], shard, row, item_shape)
+    planes = {view: ShardedArray(files[view], shard, row, file_shapes[view]) for view in PLANE_VIEWS}
+    return images, planes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,30 +1146,73 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
 
 
 def _cli_crop(args: argparse.Namespace) -> int:
-    out = crop_cohort(args.manifest, args.out, size_mm=args.size_mm, spacing_mm=args.spacing_mm,
-                      center=args.center, workers=args.workers, progress=not args.no_progress)
+    if args.merge:
+        out = merge_shards(args.manifest, args.out, size_mm=args.size_mm,
+                           spacing_mm=args.spacing_mm, center=args.center, dtype=args.dtype)
+        crop_set = load_crops(out)
+        print(f"merged {crop_set.meta['n_shards']} shard(s): {crop_set.n_lesions} crops "
+              f"{crop_set.meta['shape'][1:]} in {out}")
+        _print_storage_error(crop_set.meta)
+        return 0
+    settings = dict(size_mm=64.0 if args.size_mm is None else args.size_mm,
+                    spacing_mm=2.0 if args.spacing_mm is None else args.spacing_mm,
+                    center=args.center or "centroid", dtype=args.dtype or "float32",
+                    workers=args.workers, progress=not args.no_progress)
+    if args.shard is not None:
+        shard, n_shards = parse_shard(args.shard)
+        folder = crop_shard(args.manifest, args.out, shard, n_shards, **settings)
+        meta = json.loads((folder / SHARD_META_FILE).read_text())
+        print(f"wrote shard {shard} of {n_shards} ({meta['n_lesions']} crops of "
+              f"{meta['n_patients']} patient(s)) to {folder}; once every shard is done: "
+              f"psma-pfs crop {args.manifest} --out {args.out} --merge")
+        _print_storage_error(meta)
+        return 0
+    out = crop_cohort(args.manifest, args.out, **settings)
     crop_set = load_crops(out)
     meta = crop_set.meta
     print(f"wrote {crop_set.n_lesions} crops {meta['shape'][1:]} ({meta['size_mm']:g} mm at "
-          f"{meta['spacing_mm']:g} mm, centre: {meta['center_mode']}; {meta['n_edge']} padded at "
-          f"a field-of-view edge) to {out}")
+          f"{meta['spacing_mm']:g} mm, centre: {meta['center_mode']}, {meta['dtype']}; "
+          f"{meta['n_edge']} padded at a field-of-view edge) to {out}")
+    _print_storage_error(meta)
     return 0
 
 
+def _print_storage_error(meta: dict) -> None:
+    error = meta.get("storage_error")
+    if error:
+        pet, ct = error["pet_suv"], error["ct_hu"]
+        print(f"{meta['dtype']} storage error (measured): PET max {pet['max_abs']:.3g} SUV "
+              f"(relative {pet['max_rel']:.2g}), CT max {ct['max_abs']:.3g} HU "
+              f"(relative {ct['max_rel']:.2g})")
+
+
 def register_cli(subparsers) -> None:
-    """Add ``psma-pfs crop MANIFEST --out DIR [--size-mm 64] [--spacing-mm 2] [--center ...]``."""
+    """Add ``psma-pfs crop MANIFEST --out DIR [--size-mm 64] [--spacing-mm 2] [--center ...]
+    [--dtype float32|float16] [--shard i/N | --merge]``."""
     parser = subparsers.add_parser(
         "crop", help="crop every lesion of a cohort from PET and CT in world coordinates",
         description="Sample a fixed-size cube around each lesion from PET (SUV) and CT (HU), each "
-                    "through its own affine, and write crops.npy [n, 2, D, H, W], lesions.csv, "
-                    "patients.csv and crops.json to --out (atomically).")
+                    "through its own affine, and write the crops directory --out (atomically): "
+                    "lesions.csv, patients.csv, crops.json and shards/ with the crops and their "
+                    "central planes. On a cluster, crop --shard i/N for i = 0 .. N-1 (each "
+                    "writes its own shard, e.g. one SLURM array task each), then --merge.")
     parser.add_argument("manifest", help="the cohort's manifest.yaml or its folder")
     parser.add_argument("--out", required=True, help="crops directory to write")
-    parser.add_argument("--size-mm", type=float, default=64.0, help="crop edge length in mm (64)")
-    parser.add_argument("--spacing-mm", type=float, default=2.0, help="crop voxel spacing in mm (2)")
-    parser.add_argument("--center", choices=CENTER_MODES, default="centroid",
+    parser.add_argument("--size-mm", type=float, default=None, help="crop edge length in mm (64)")
+    parser.add_argument("--spacing-mm", type=float, default=None, help="crop voxel spacing in mm (2)")
+    parser.add_argument("--center", choices=CENTER_MODES, default=None,
                         help="lesion centre: mask centroid (default), SUVmax voxel, or the "
                              "manifest's world centre")
+    parser.add_argument("--dtype", choices=STORAGE_DTYPES, default=None,
+                        help="storage: float32 (default, exact) or float16 (half the bytes; the "
+                             "measured error is printed and kept in crops.json)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (2)")
+    split = parser.add_mutually_exclusive_group()
+    split.add_argument("--shard", metavar="i/N", default=None,
+                       help="crop only shard i of N (0 <= i < N): a contiguous 1/N of the "
+                            "patients, into DIR/shards/")
+    split.add_argument("--merge", action="store_true",
+                       help="combine the finished shards in --out into the crops directory "
+                            "(no array is copied); settings given must match the shards'")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cli_crop)

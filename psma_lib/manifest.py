@@ -228,11 +228,14 @@ def _ordered(table: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_manifest(path: str | os.PathLike) -> Cohort:
+def load_manifest(path: str | os.PathLike, *, hash_images: bool = True) -> Cohort:
     """Load a cohort, checking the manifest and tables (not the images) first.
 
     Args:
         path: ``manifest.yaml`` or the cohort folder holding it.
+        hash_images: also check every image file's SHA-256 against ``images.csv`` (reads every
+            image once); False leaves that to the caller, e.g. a crop shard that checks only its
+            own patients' files.
 
     Returns:
         A :class:`Cohort` with typed tables (see its attributes).
@@ -242,7 +245,7 @@ def load_manifest(path: str | os.PathLike) -> Cohort:
             ``check_images=False`` (tables, columns, ids, values, file paths and hashes).
     """
     path = manifest_file(path)
-    problems, manifest, tables = _read_and_check(path)
+    problems, manifest, tables = _read_and_check(path, hash_images=hash_images)
     if problems:
         raise ValidationFailed(problems, what=f"manifest {path}")
     patients = tables["patients"].copy()
@@ -299,7 +302,7 @@ def validate_manifest(
     return problems
 
 
-def _read_and_check(path: Path) -> tuple[list[str], dict, dict]:
+def _read_and_check(path: Path, *, hash_images: bool = True) -> tuple[list[str], dict, dict]:
     """Read manifest + tables and check them; returns (problems, manifest, tables)."""
     where = str(path)
     if not path.is_file():
@@ -331,7 +334,7 @@ def _read_and_check(path: Path) -> tuple[list[str], dict, dict]:
     if len(tables) < len(TABLE_NAMES):
         # Cross-table checks need all three tables; report what was found so far.
         return problems, manifest, {}
-    problems += _check_tables(root, tables)
+    problems += _check_tables(root, tables, hash_images=hash_images)
     return problems, manifest, tables
 
 

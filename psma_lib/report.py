@@ -223,16 +223,23 @@ def lesion_site_table(lesions: pd.DataFrame) -> pd.DataFrame:
 
 
 def crop_info_table(meta: dict, lesions: pd.DataFrame) -> pd.DataFrame:
-    """The crop set's geometry in words: array shape, size, spacing, orientation, edge crops."""
+    """The crop set's geometry in words: array shape, storage, size, spacing, orientation, edge
+    crops and, for float16 storage, its measured error."""
     n = len(lesions)
+    error = meta.get("storage_error")
+    stored = [("storage error (measured)",
+               f"PET ≤ {error['pet_suv']['max_abs']:.2g} SUV, CT ≤ {error['ct_hu']['max_abs']:.2g} HU "
+               f"(relative ≤ {max(e['max_rel'] for e in error.values()):.1e})")] if error else []
     return pd.DataFrame([
-        ("array", f"crops.npy, float32 [{' × '.join(map(str, meta['shape']))}] "
-                  "(lesion, channel PET/CT, D, H, W)"),
+        ("array", f"float32 [{' × '.join(map(str, meta['shape']))}] (lesion, channel PET/CT, D, H, W), "
+                  + (f"stored as {meta['dtype']} in {meta['n_shards']} shard(s)" if "n_shards" in meta
+                     else "crops.npy")),
         ("crop size", f"{meta['size_mm']:g} mm cube at {meta['spacing_mm']:g} mm spacing"),
         ("orientation", str(meta.get("orientation", ""))),
         ("centre", str(meta.get("center_mode", ""))),
         ("lesions padded at the field-of-view edge",
          f"{int(lesions['edge'].sum())} of {n} ({fmt_percent(int(lesions['edge'].sum()), n)})"),
+        *stored,
     ], columns=["Property", "Value"])
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import doctest
 import math
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -264,10 +265,7 @@ def test_measure_lesion_with_a_mask_on_a_finer_grid():
 
 
 def test_load_crops_reads_a_crops_directory_written_before_suvmean(crops_dir, tmp_path):
-    old = tmp_path / "old"
-    old.mkdir()
-    for item in crops_dir.iterdir():
-        (old / item.name).write_bytes(item.read_bytes())
+    old = Path(shutil.copytree(crops_dir, tmp_path / "old"))
     table = pd.read_csv(old / "lesions.csv")
     table.drop(columns="suvmean").to_csv(old / "lesions.csv", index=False)
     lesions = load_crops(old).lesions

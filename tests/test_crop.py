@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import tracemalloc
 from pathlib import Path
 
 import nibabel as nib
@@ -17,17 +19,24 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from psma_lib import report
+from psma_lib.cli import main as cli_main
 from psma_lib.crop import (
     CT_PAD_HU,
     LESION_TABLE_COLUMNS,
+    PLANE_VIEWS,
     crop_cohort,
+    crop_shard,
     load_crops,
+    merge_shards,
     register_cli,
+    shard_name,
 )
 from psma_lib.errors import InputError
 from psma_lib.geometry import CROP_ORIENTATION, voxel_to_world, world_to_voxel
 from psma_lib.images import image_bounds_mm, load_image
 from psma_lib.manifest import data_checksum, write_manifest
+from psma_lib.shards import ShardedArray
 
 SIZE_MM, SPACING_MM, N = 24.0, 3.0, 8
 PET_SHAPE = (24, 22, 20)
@@ -208,7 +217,11 @@ def test_center_modes(cohort, center, tmp_path):
 def test_output_does_not_depend_on_the_number_of_workers(cohort, crops_dir, tmp_path):
     parallel = crop_cohort(cohort["manifest"], tmp_path / "crops2", size_mm=SIZE_MM,
                            spacing_mm=SPACING_MM, workers=2, progress=False)
-    assert (parallel / "crops.npy").read_bytes() == (crops_dir / "crops.npy").read_bytes()
+    shard = Path("shards") / shard_name(0, 1)
+    names = sorted(p.name for p in (crops_dir / shard).iterdir())
+    assert names == sorted(p.name for p in (parallel / shard).iterdir())
+    for name in [n for n in names if n != "shard.json"]:  # shard.json: provenance differs
+        assert (parallel / shard / name).read_bytes() == (crops_dir / shard / name).read_bytes()
     assert (parallel / "lesions.csv").read_bytes() == (crops_dir / "lesions.csv").read_bytes()
 
 
@@ -308,10 +321,7 @@ def test_bad_parameters(cohort, tmp_path):
 
 
 def _copy(crops_dir: Path, target: Path) -> Path:
-    target.mkdir()
-    for item in crops_dir.iterdir():
-        (target / item.name).write_bytes(item.read_bytes())
-    return target
+    return Path(shutil.copytree(crops_dir, target))
 
 
 def test_load_crops_errors(crops_dir, tmp_path):
@@ -336,15 +346,27 @@ def test_load_crops_errors(crops_dir, tmp_path):
     with pytest.raises(InputError, match="disagrees with crops.json"):
         load_crops(meta_shape)
 
+    array = Path("shards") / shard_name(0, 1) / "crops-00000.npy"
     corrupt = _copy(crops_dir, tmp_path / "corrupt")
-    (corrupt / "crops.npy").write_bytes(b"not an npy file")
-    with pytest.raises(InputError, match="crops.npy: cannot read crop array"):
+    (corrupt / array).write_bytes(b"not an npy file")
+    with pytest.raises(InputError, match="crops-00000.npy: cannot read .npy header"):
         load_crops(corrupt)
 
+    truncated = _copy(crops_dir, tmp_path / "truncated")
+    (truncated / array).write_bytes((crops_dir / array).read_bytes()[:-4])
+    with pytest.raises(InputError, match="crops-00000.npy: file holds .* truncated"):
+        load_crops(truncated)
+
     pickled = _copy(crops_dir, tmp_path / "pickled")
-    np.save(pickled / "crops.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(InputError, match="cannot read crop array"):
+    np.save(pickled / array, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match="expected a plain C-ordered numeric array"):
         load_crops(pickled)
+
+    newer = _copy(crops_dir, tmp_path / "newer")
+    meta = json.loads((newer / "crops.json").read_text())
+    (newer / "crops.json").write_text(json.dumps({**meta, "version": 3}))
+    with pytest.raises(InputError, match="format version 3"):
+        load_crops(newer)
 
 
 def test_cli(cohort, tmp_path, capsys):
@@ -360,6 +382,309 @@ def test_cli(cohort, tmp_path, capsys):
     bad = parser.parse_args(["crop", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "x")])
     with pytest.raises(InputError, match="not found"):
         bad.func(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded cropping (psma-pfs crop --shard i/N, --merge), planes, float16, version 1 directories
+# ---------------------------------------------------------------------------------------------
+
+CROP_KW = dict(size_mm=SIZE_MM, spacing_mm=SPACING_MM, workers=1, progress=False)
+
+
+def _crop_shards(manifest, out: Path, n_shards: int, shards=None, **kwargs) -> Path:
+    for shard in range(n_shards) if shards is None else shards:
+        crop_shard(manifest, out, shard, n_shards, **{**CROP_KW, **kwargs})
+    return out
+
+
+def _assert_same_crops(result: Path, reference: Path) -> None:
+    """Every lesion's crop and planes, the lesion table (apart from shard/row) and the data
+    identity are those of the reference crops directory."""
+    got, want = load_crops(result), load_crops(reference)
+    assert isinstance(got.images, ShardedArray) and got.images.shape == want.images.shape
+    for row in range(want.n_lesions):
+        assert np.array_equal(got.images[row], want.images[row]), f"lesion row {row}"
+    for view in PLANE_VIEWS:
+        assert np.array_equal(got.planes(view), want.planes(view)), view
+    pd.testing.assert_frame_equal(got.lesions, want.lesions)
+    on_disk = [pd.read_csv(d / "lesions.csv", dtype=str) for d in (result, reference)]
+    pd.testing.assert_frame_equal(*(t.drop(columns=["shard", "row"]) for t in on_disk))
+    assert (result / "patients.csv").read_bytes() == (reference / "patients.csv").read_bytes()
+    for key in ("data_checksum", "shape", "size_mm", "spacing_mm", "center_mode", "dtype",
+                "n_lesions", "n_patients", "n_edge", "manifest"):
+        assert got.meta[key] == want.meta[key], key
+
+
+@pytest.mark.parametrize("n_shards", [2, 3])
+def test_sharded_crop_and_merge_equal_one_crop(cohort, crops_dir, tmp_path, n_shards):
+    out = _crop_shards(cohort["manifest"], tmp_path / "crops", n_shards)
+    assert sorted(p.name for p in (out / "shards").iterdir()) == \
+        [shard_name(i, n_shards) for i in range(n_shards)]
+    assert not (out / "crops.json").exists(), "shards alone are not a crops directory"
+    merge_shards(cohort["manifest"], out)
+
+    _assert_same_crops(out, crops_dir)
+    meta = load_crops(out).meta
+    assert meta["n_shards"] == n_shards
+    # 3 patients: contiguous groups of [2, 1] or [1, 1, 1] patients, a patient never split.
+    sizes = [2, 1] if n_shards == 2 else [1, 1, 1]
+    assert [s["n_patients"] for s in meta["shards"]] == sizes
+    table = pd.read_csv(out / "lesions.csv", dtype={"patient_id": str})
+    assert table.groupby("patient_id")["shard"].nunique().eq(1).all()
+    assert table.drop_duplicates("patient_id")["shard"].tolist() == \
+        [i for i, n in enumerate(sizes) for _ in range(n)]
+    assert all(g["row"].tolist() == list(range(len(g))) for _, g in table.groupby("shard"))
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == [], "no temporary left"
+
+
+def test_shards_of_an_interleaved_manifest(cohort, crops_dir, tmp_path):
+    root = Path(shutil.copytree(Path(cohort["manifest"]).parent, tmp_path / "cohort"))
+    order = np.random.default_rng(3).permutation(len(cohort["lesions"]))
+    manifest = _rewrite_lesions(root, cohort["lesions"].iloc[order].reset_index(drop=True))
+    out = merge_shards(manifest, _crop_shards(manifest, tmp_path / "sharded", 2))
+    _assert_same_crops(out, crop_cohort(manifest, tmp_path / "one", **CROP_KW))
+    reference, result = load_crops(crops_dir), load_crops(out)
+    assert np.array_equal(result.images, np.asarray(reference.images)[order])
+
+
+def test_cli_shard_and_merge(cohort, crops_dir, tmp_path, capsys):
+    out = tmp_path / "crops"
+    common = [str(cohort["manifest"]), "--out", str(out), "--size-mm", "24", "--spacing-mm", "3",
+              "--workers", "1", "--no-progress"]
+    for shard in ("1/2", "0/2"):
+        assert cli_main(["crop", *common, "--shard", shard]) == 0
+    assert "wrote shard 0 of 2 (6 crops of 2 patient(s))" in capsys.readouterr().out
+    # Merge takes the shards' settings; given ones are checked against them.
+    assert cli_main(["crop", str(cohort["manifest"]), "--out", str(out), "--merge",
+                     "--size-mm", "48"]) == 2
+    assert "shard 0 was cropped with size_mm 24.0, not 48.0 (requested)" in capsys.readouterr().err
+    assert not (out / "crops.json").exists()
+    assert cli_main(["crop", str(cohort["manifest"]), "--out", str(out), "--merge"]) == 0
+    assert "merged 2 shard(s): 9 crops" in capsys.readouterr().out
+    _assert_same_crops(out, crops_dir)
+
+
+@pytest.mark.parametrize("shard", ["3/2", "0/0", "2/2", "a/b", "1", "-1/2"])
+def test_cli_refuses_a_bad_shard(cohort, tmp_path, capsys, shard):
+    out = tmp_path / "crops"
+    assert cli_main(["crop", str(cohort["manifest"]), "--out", str(out), f"--shard={shard}",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"psma-pfs crop: error: --shard {shard}")
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def two_shards(cohort, tmp_path_factory) -> Path:
+    """Shards 0/2 and 1/2 of the cohort, not merged (tests copy it)."""
+    return _crop_shards(cohort["manifest"], tmp_path_factory.mktemp("two") / "crops", 2)
+
+
+def _other_manifest(cohort, root: Path) -> Path:
+    """The same cohort with one lesion's site changed: another data checksum."""
+    root = Path(shutil.copytree(Path(cohort["manifest"]).parent, root))
+    return _rewrite_lesions(root, cohort["lesions"].assign(site="bone"))
+
+
+def test_merge_refuses_bad_shards_and_leaves_nothing(cohort, two_shards, tmp_path):
+    manifest = cohort["manifest"]
+    shard1 = Path("shards") / shard_name(1, 2)
+
+    def case(name, edit, message, **requested):
+        out = Path(shutil.copytree(two_shards, tmp_path / name))
+        edit(out)
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        with pytest.raises(InputError, match=message):
+            merge_shards(manifest, out, **requested)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before, "nothing written"
+
+    case("missing", lambda out: shutil.rmtree(out / shard1),
+         rf"{shard1}: shard 1 of 2 is missing \(1 missing: 1\); crop it with .* --shard 1/2")
+    case("split", lambda out: _crop_shards(manifest, out, 3, shards=[2]),
+         r"shards: shards of different splits \(of 2, of 3\)")
+    case("manifest", lambda out: _crop_shards(_other_manifest(cohort, tmp_path / "other"), out, 2,
+                                              shards=[1]),
+         rf"{shard1}/shard.json: shard 1 was cropped from another cohort")
+    case("centre", lambda out: _crop_shards(manifest, out, 2, shards=[1], center="suvmax"),
+         "shard 1 was cropped with center_mode suvmax, not centroid \\(shard 0's\\)")
+    case("dtype", lambda out: None, "shard 0 was cropped with dtype float32, not float16 "
+         r"\(requested\)", dtype="float16")
+
+    def overlap(out):
+        shutil.rmtree(out / shard1)
+        shutil.copytree(out / "shards" / shard_name(0, 2), out / shard1)
+        meta = json.loads((out / shard1 / "shard.json").read_text())
+        (out / shard1 / "shard.json").write_text(json.dumps({**meta, "shard": 1}))
+    case("overlap", overlap, "shard 1 overlaps shard 0: lesion 'L1' of patient P001 is in both")
+
+    def truncate(out):
+        array = out / shard1 / "planes-sagittal-00001.npy"
+        array.write_bytes(array.read_bytes()[:-2])
+    case("truncated", truncate, "planes-sagittal-00001.npy: file holds .* truncated")
+
+    # A failed merge leaves an earlier merge as it was (and that one then refuses to load).
+    out = merge_shards(manifest, Path(shutil.copytree(two_shards, tmp_path / "merged")))
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    _crop_shards(manifest, out, 2, shards=[1], center="suvmax")
+    with pytest.raises(InputError, match="center_mode"):
+        merge_shards(manifest, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(InputError, match="shard missing or cropped again since the merge"):
+        load_crops(out)
+
+
+def test_more_shards_than_patients(cohort, tmp_path):
+    with pytest.raises(InputError, match="cannot split 3 patients with lesions into 4 shards"):
+        crop_shard(cohort["manifest"], tmp_path / "crops", 3, 4, **CROP_KW)
+    assert not (tmp_path / "crops").exists()
+
+
+def test_a_shard_checks_only_its_own_patients_images(cohort, tmp_path):
+    root = Path(shutil.copytree(Path(cohort["manifest"]).parent, tmp_path / "cohort"))
+    changed = root / "images/P003_mask.nii.gz"
+    changed.write_bytes(changed.read_bytes() + b"\0")  # edited after the manifest was written
+    crop_shard(root, tmp_path / "crops", 0, 3, **CROP_KW)
+    with pytest.raises(InputError, match="patient P003: file images/P003_mask.nii.gz: SHA-256 "
+                                         "mismatch"):
+        crop_shard(root, tmp_path / "crops", 2, 3, **CROP_KW)
+    assert [p.name for p in (tmp_path / "crops/shards").iterdir()] == [shard_name(0, 3)]
+
+
+def test_planes_are_written_and_equal_the_volumes_centre(crops_dir):
+    crop_set = load_crops(crops_dir)
+    assert set(crop_set.plane_arrays) == set(PLANE_VIEWS)
+    volumes = np.asarray(crop_set.images)
+    assert volumes.dtype == np.float32 and volumes.shape == crop_set.images.shape
+    centre = N // 2
+    expected = {"axial": volumes[:, :, centre], "coronal": volumes[:, :, :, centre],
+                "sagittal": volumes[:, :, :, :, centre]}
+    for view, plane in expected.items():
+        assert crop_set.plane_arrays[view].shape == plane.shape
+        assert np.array_equal(crop_set.planes(view), plane), view
+        assert np.array_equal(crop_set.plane_arrays[view][[4, 0]], plane[[4, 0]])
+    with pytest.raises(ValueError):
+        crop_set.planes("oblique")
+
+
+def test_sharded_images_index_like_an_array(crops_dir):
+    images = load_crops(crops_dir).images
+    volumes = np.asarray(images)
+    mask = np.arange(len(images)) % 2 == 0
+    for key in (3, -1, slice(2, 7), slice(None, None, -2), [5, 1, 5], np.array([0, 8]), mask,
+                (2, 0), (slice(1, 4), 1, N // 2), (Ellipsis, 0)):
+        got = images[key]
+        assert got.dtype == np.float32 and np.array_equal(got, volumes[key]), key
+    assert len(images) == images.shape[0] == 9 and images.ndim == 5
+    assert sum(1 for _ in images) == 9
+    with pytest.raises(IndexError):
+        images[9]
+
+
+def test_2d_inputs_read_no_volume(crops_dir, tmp_path):
+    from psma_lib.cv import _image_inputs, _load_crops
+
+    reference = load_crops(crops_dir)
+    poisoned = _copy(crops_dir, tmp_path / "crops")
+    array = poisoned / "shards" / shard_name(0, 1) / "crops-00000.npy"
+    volumes = np.load(array, mmap_mode="r+")
+    volumes[:] = np.nan  # every voxel of every volume, header and size intact
+    volumes.flush()
+    del volumes
+    crops = _load_crops(poisoned)
+    axial = _image_inputs(crops, crops.lesions, "resnet18", "axial")
+    assert np.array_equal(axial.numpy(), reference.planes("axial"))
+    orthogonal = _image_inputs(crops, crops.lesions, "resnet18", "orthogonal")
+    assert np.array_equal(orthogonal.numpy()[:, 2], reference.planes("sagittal"))
+    # The 3D path does read the volumes, so it sees the poison.
+    with pytest.raises(InputError, match="non-finite values"):
+        _image_inputs(crops, crops.lesions, "r3d_18", "axial")
+    intact = _image_inputs(reference, reference.lesions, "r3d_18", "axial")
+    assert np.array_equal(intact.numpy(), np.asarray(reference.images))
+
+
+@pytest.fixture(scope="module")
+def float16_dir(cohort, tmp_path_factory) -> Path:
+    return crop_cohort(cohort["manifest"], tmp_path_factory.mktemp("f16") / "crops",
+                       dtype="float16", **CROP_KW)
+
+
+def test_float16_storage_and_its_recorded_error(cohort, crops_dir, float16_dir, tmp_path):
+    exact, half = load_crops(crops_dir), load_crops(float16_dir)
+    stored = np.load(float16_dir / "shards" / shard_name(0, 1) / "crops-00000.npy", mmap_mode="r")
+    assert stored.dtype == np.float16 and half.images.dtype == np.float32
+    assert half.images[0].dtype == np.float32 and half.planes("axial").dtype == np.float32
+    got, want = np.asarray(half.images, np.float64), np.asarray(exact.images, np.float64)
+    recorded = half.meta["storage_error"]
+    for channel, name in enumerate(("pet_suv", "ct_hu")):
+        diff = np.abs(got[:, channel] - want[:, channel])
+        magnitude = np.abs(want[:, channel])
+        normal = magnitude >= np.finfo(np.float16).smallest_normal
+        assert recorded[name]["max_abs"] == pytest.approx(diff.max(), rel=1e-12, abs=0)
+        assert recorded[name]["max_rel"] == pytest.approx((diff[normal] / magnitude[normal]).max(),
+                                                          rel=1e-12)
+        assert recorded[name]["max_value"] == pytest.approx(magnitude.max(), rel=1e-12)
+        assert 0 < recorded[name]["max_rel"] <= 2.0 ** -11, "float16 rounds to 11 bits"
+    assert exact.meta["storage_error"] is None
+    shown = report.crop_info_table(half.meta, half.lesions).set_index("Property")["Value"]
+    assert shown["storage error (measured)"].startswith(
+        f"PET ≤ {recorded['pet_suv']['max_abs']:.2g} SUV, CT ≤ {recorded['ct_hu']['max_abs']:.2g} HU")
+    assert np.array_equal(half.planes("coronal"), np.asarray(half.images)[:, :, :, N // 2])
+    sizes = [(d / "shards" / shard_name(0, 1) / "crops-00000.npy").stat().st_size
+             for d in (crops_dir, float16_dir)]
+    assert sizes[1] < 0.51 * sizes[0]
+    # Sharded: each shard measures its own crops; the merge keeps the worst.
+    out = merge_shards(cohort["manifest"], _crop_shards(cohort["manifest"], tmp_path / "s", 2,
+                                                        dtype="float16"))
+    assert load_crops(out).meta["storage_error"] == recorded
+    _assert_same_crops(out, float16_dir)
+
+
+def test_version_1_directory_still_loads(crops_dir, tmp_path):
+    reference = load_crops(crops_dir)
+    old = tmp_path / "old"
+    old.mkdir()
+    np.save(old / "crops.npy", np.asarray(reference.images))
+    pd.read_csv(crops_dir / "lesions.csv").drop(columns=["shard", "row"]).to_csv(
+        old / "lesions.csv", index=False)
+    shutil.copyfile(crops_dir / "patients.csv", old / "patients.csv")
+    meta = {k: v for k, v in reference.meta.items()
+            if k not in ("shards", "n_shards", "dtype", "planes", "storage_error")}
+    (old / "crops.json").write_text(json.dumps({**meta, "version": 1}))
+
+    loaded = load_crops(old)
+    assert isinstance(loaded.images, np.memmap) and loaded.plane_arrays is None
+    assert np.array_equal(loaded.images, np.asarray(reference.images))
+    pd.testing.assert_frame_equal(loaded.lesions, reference.lesions)
+    for view in PLANE_VIEWS:
+        assert np.array_equal(loaded.planes(view), reference.planes(view))
+
+
+def test_merge_and_load_read_no_array_data(cohort, tmp_path, monkeypatch):
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("array data read")
+
+    def merge_and_load(size_mm, spacing_mm):
+        out = _crop_shards(cohort["manifest"], tmp_path / f"crops{spacing_mm}", 2,
+                           size_mm=size_mm, spacing_mm=spacing_mm)
+        with monkeypatch.context() as patch:
+            for name in ("load", "fromfile", "memmap"):
+                patch.setattr(np, name, forbidden)
+            patch.setattr(np.lib.format, "open_memmap", forbidden)
+            patch.setattr(np.lib.format, "read_array", forbidden)
+            tracemalloc.start()
+            merge_shards(cohort["manifest"], out)
+            crop_set = load_crops(out)
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+        array_bytes = sum(p.stat().st_size for p in (out / "shards").rglob("*.npy"))
+        assert np.isfinite(crop_set.images[0]).all()  # the arrays are read when indexed
+        return peak, array_bytes
+
+    small_peak, small_bytes = merge_and_load(SIZE_MM, SPACING_MM)  # 8^3 voxels
+    large_peak, large_bytes = merge_and_load(SIZE_MM, SPACING_MM / 4)  # 32^3 voxels
+    assert large_bytes - small_bytes > 2_000_000
+    # Same lesion table, 64x the voxels: the peak memory of merge + load does not follow.
+    assert large_peak - small_peak < 0.05 * (large_bytes - small_bytes), (small_peak, large_peak)
 
 
 # ---------------------------------------------------------------------------------------------
