@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import tracemalloc
 from pathlib import Path
@@ -464,13 +465,19 @@ def test_cli_shard_and_merge(cohort, crops_dir, tmp_path, capsys):
     _assert_same_crops(out, crops_dir)
 
 
-@pytest.mark.parametrize("shard", ["3/2", "0/0", "2/2", "a/b", "1", "-1/2"])
+BAD_SHARDS = {"3/2": "must be below the number of shards 2", "2/2": "numbered 0 to 1",
+              "0/0": "must be at least 1", "a/b": "expected i/N", "1": "expected i/N",
+              "-1/2": "expected i/N"}
+
+
+@pytest.mark.parametrize("shard", list(BAD_SHARDS))
 def test_cli_refuses_a_bad_shard(cohort, tmp_path, capsys, shard):
     out = tmp_path / "crops"
     assert cli_main(["crop", str(cohort["manifest"]), "--out", str(out), f"--shard={shard}",
                      "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"psma-pfs crop: error: --shard {shard}")
+    assert len(err) == 1 and err[0].startswith(f"psma-pfs crop: error: --shard {shard}: ")
+    assert BAD_SHARDS[shard] in err[0]
     assert not out.exists()
 
 
@@ -522,6 +529,12 @@ def test_merge_refuses_bad_shards_and_leaves_nothing(cohort, two_shards, tmp_pat
         array.write_bytes(array.read_bytes()[:-2])
     case("truncated", truncate, "planes-sagittal-00001.npy: file holds .* truncated")
 
+    def half(out):
+        array = out / shard1 / "crops-00001.npy"
+        np.save(array, np.load(array).astype(np.float16))
+    case("array dtype", half, r"crops-00001.npy: array is float16 \[3, 2, 8, 8, 8\], expected "
+         r"float32 \[3, 2, 8, 8, 8\]")
+
     # A failed merge leaves an earlier merge as it was (and that one then refuses to load).
     out = merge_shards(manifest, Path(shutil.copytree(two_shards, tmp_path / "merged")))
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -531,6 +544,27 @@ def test_merge_refuses_bad_shards_and_leaves_nothing(cohort, two_shards, tmp_pat
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     with pytest.raises(InputError, match="shard missing or cropped again since the merge"):
         load_crops(out)
+
+
+def test_an_interrupted_merge_leaves_no_directory_that_loads(cohort, two_shards, tmp_path,
+                                                             monkeypatch):
+    out = merge_shards(cohort["manifest"], Path(shutil.copytree(two_shards, tmp_path / "crops")))
+    real_replace = os.replace
+
+    def crash_on_the_lesions_table(source, target):
+        if Path(target).name == "lesions.csv":
+            raise OSError("disk full")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_lesions_table)
+    with pytest.raises(OSError, match="disk full"):
+        merge_shards(cohort["manifest"], out)
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="crops.json: crops directory is incomplete"):
+        load_crops(out)
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    merge_shards(cohort["manifest"], out)  # merging again repairs it
+    assert load_crops(out).n_lesions == 9
 
 
 def test_more_shards_than_patients(cohort, tmp_path):
