@@ -286,7 +286,9 @@ def _check_inputs(crops, modality: str) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str) -> torch.Tensor:
-    """Per-lesion model input as a float32 tensor (2D planes through the centre or the volume)."""
+    """Per-lesion model input as a float32 tensor: the volumes (3D backbones) or the central
+    planes (2D: read from the plane files a version 2 crops directory holds, no volume read)."""
+    where = str(crops.root) if crops.root is not None else "crops"
     if backbone in BACKBONES_3D:
         arr = np.asarray(crops.images, dtype=np.float32)
     elif view == "axial":
@@ -294,13 +296,13 @@ def _image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str) -> tor
     else:
         planes = [np.asarray(crops.planes(v), dtype=np.float32) for v in ("axial", "coronal", "sagittal")]
         if len({p.shape for p in planes}) != 1:
-            raise InputError("orthogonal view needs cubic crops (D = H = W)", file="crops.npy")
+            raise InputError("orthogonal view needs cubic crops (D = H = W)", file=where)
         arr = np.stack(planes, axis=1)
     finite = np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
         raise InputError(f"crop of lesion {lesions['lesion_id'].iloc[i]} has non-finite values",
-                         patient=lesions["patient_id"].iloc[i], file="crops.npy")
+                         patient=lesions["patient_id"].iloc[i], file=where)
     return torch.from_numpy(np.array(arr, dtype=np.float32))  # writable copy of the memmap
 
 

@@ -51,7 +51,8 @@ def write_tiny_nnunet(root: Path) -> tuple[Path, Path]:
 
 
 def write_tiny_crops(root: Path, *, n_patients: int = 24, size: int = 16, seed: int = 0) -> Path:
-    """A crops directory (crops.npy, lesions.csv, patients.csv, crops.json) with random data.
+    """A crops directory with random data, in format version 1 (one ``crops.npy`` beside
+    lesions.csv, patients.csv, crops.json), which :func:`psma_lib.crop.load_crops` still reads.
 
     1-3 lesions per patient; PET ~ SUV 0-20 with a hot centre, CT ~ -100..1000 HU; clinical
     columns with a few missing values; outcome with ~60 % events.
