@@ -824,7 +824,10 @@ def _read_shard_table(path: Path, n_lesions) -> pd.DataFrame:
     missing = [c for c in ("index", *LESION_TABLE_COLUMNS) if c not in table.columns]
     if missing:
         raise InputError(f"missing column(s): {', '.join(missing)}", file=str(path))
-    if len(table) != n_lesions or not pd.api.types.is_integer_dtype(table["index"]):
+    if not pd.api.types.is_integer_dtype(table["index"]):
+        raise InputError("the index column must hold the manifest's lesion rows (integers)",
+                         file=str(path))
+    if len(table) != n_lesions:
         raise InputError(f"{len(table)} lesions, shard.json says {n_lesions}", file=str(path))
     return table
 

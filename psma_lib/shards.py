@@ -169,7 +169,7 @@ class ShardedArray:
                 raise IndexError(f"index {key} is out of bounds for {n} rows")
             out = self._gather(np.array([int(key) % n]))[0]
             return out[rest] if rest else out
-        rows = np.arange(len(self))[key]
+        rows = np.arange(*key.indices(len(self))) if isinstance(key, slice) else np.arange(len(self))[key]
         if rows.ndim != 1:
             raise IndexError("rows must be selected by an integer, a slice, a 1-D index or a mask")
         out = self._gather(rows)
