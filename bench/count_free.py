@@ -9,6 +9,11 @@ this prints, on the same patient-grouped folds (fold mean of the patient-level C
 * a noise-output model through the same aggregation (200 draws: mean and 95th percentile),
 * the best single measured features: total lesion volume and maximum SUVmax (crop-stage values),
 * the oracle (true linear predictor, without frailty),
+* what the measured lesion features reach without any network: a Cox model (fitted in each
+  training fold) on the log total volume, log maximum SUVmax, bone fraction and mean
+  log(SUVmean / SUVmax) of a patient's lesions, and the same model with the true volume-weighted
+  necrosis added (a diagnostic, not a method: it shows how much an image model must read of the
+  necrosis, which is in no table, to reach a given C-index),
 * the lesion-level truth recovery: Spearman of the out-of-fold lesion log-hazards with necrosis,
   partial given volume and SUVmax.
 
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from lifelines import CoxPHFitter
 
 from psma_lib.crop import crop_cohort, load_crops
 from psma_lib.cv import CVConfig, run_cv
@@ -44,6 +50,32 @@ def prepare(root: Path, seed: int, patients: int) -> tuple[Path, Path]:
     return cohort, crops
 
 
+def patient_features(lesions: pd.DataFrame, lesion_truth: pd.DataFrame) -> pd.DataFrame:
+    """Per patient: the measured aggregates and the true volume-weighted necrosis."""
+    les = lesions.merge(lesion_truth[["lesion_id", "necrosis"]], on="lesion_id", how="left", validate="1:1")
+    les = les.assign(log_ratio=np.log(les["suvmean"] / les["suvmax"]), bone=(les["site"] == "bone").astype(float),
+                     weighted_necrosis=les["necrosis"] * les["volume_ml"])
+    g = les.groupby("patient_id")
+    return pd.DataFrame({"log_volume": np.log(g["volume_ml"].sum()), "log_suvmax": np.log(g["suvmax"].max()),
+                         "bone": g["bone"].mean(), "log_ratio": g["log_ratio"].mean(),
+                         "necrosis": g["weighted_necrosis"].sum() / g["volume_ml"].sum()})
+
+
+def fold_cox(oof: pd.DataFrame, features: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Out-of-fold log partial hazards of a lifelines Cox model fitted in each training fold."""
+    x = features.loc[oof["patient_id"], columns].reset_index(drop=True)
+    frame = x.assign(time=oof["pfs_months"].to_numpy(), event=oof["event"].to_numpy())
+    risk = np.zeros(len(oof))
+    for k in sorted(oof["fold"].unique()):
+        test = (oof["fold"] == k).to_numpy()
+        model = CoxPHFitter(penalizer=0.01).fit(frame[~test], "time", "event")
+        risk[test] = model.predict_log_partial_hazard(x[test]).to_numpy()
+    return risk
+
+
+MEASURED = ["log_volume", "log_suvmax", "bone", "log_ratio"]
+
+
 def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dict:
     cohort, crops_dir = prepare(root, seed, patients)
     t0 = time.perf_counter()
@@ -57,6 +89,7 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
     noise = noise_baseline(oof, lesions, config.aggregation, n_draws=200, seed=seed)
     oof_lesions = pd.read_csv(run.out_dir / "oof_lesion_predictions.csv", dtype={"patient_id": str, "lesion_id": str})
     lesion_truth = pd.read_csv(cohort / "truth" / "lesion_truth.csv", dtype={"patient_id": str, "lesion_id": str})
+    features = patient_features(lesions, lesion_truth)
     recovery = truth_recovery(lesion_truth_table(oof_lesions, lesion_truth), n_boot=300, seed=seed)
     return {
         "seed": seed, "patients": len(oof), "train_seconds": round(seconds, 1),
@@ -64,6 +97,8 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
         "noise_mean": noise["mean"], "noise_p95": noise["p95"],
         "total_volume": fold_mean_c(oof, measured["volume"]),
         "max_suvmax": fold_mean_c(oof, measured["suvmax"]),
+        "measured_cox": fold_mean_c(oof, fold_cox(oof, features, MEASURED)),
+        "with_true_necrosis": fold_mean_c(oof, fold_cox(oof, features, [*MEASURED, "necrosis"])),
         "oracle": fold_mean_c(oof, truth["linear_predictor"]),
         "necrosis_partial": float(recovery.loc["necrosis | volume, SUVmax", "spearman"]),
         "necrosis_partial_ci": [float(recovery.loc["necrosis | volume, SUVmax", c]) for c in ("ci_low", "ci_high")],
@@ -83,8 +118,8 @@ def main() -> None:
                       progress=False)
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)
-    cols = ["seed", "imaging_resnet18", "noise_mean", "noise_p95", "total_volume", "max_suvmax", "oracle",
-            "necrosis_partial", "train_seconds"]
+    cols = ["seed", "imaging_resnet18", "noise_mean", "noise_p95", "total_volume", "max_suvmax", "measured_cox",
+            "with_true_necrosis", "oracle", "necrosis_partial", "train_seconds"]
     print(f"count-free imaging-only cohorts ({args.patients} patients x 4 lesions, 48 mm / 2 mm crops, "
           f"{args.epochs} epochs, CPU); patient-level fold-mean C-index")
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))

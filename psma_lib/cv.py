@@ -31,7 +31,7 @@ import argparse
 import dataclasses
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,10 +59,12 @@ from .train import (
 )
 from .vocabulary import (
     AGGREGATIONS,
+    AUX_TARGETS,
     BACKBONES,
     BACKBONES_3D,
     CLINICAL_COLUMNS,
     DEFAULT_AGGREGATION,
+    DEFAULT_AUX_TARGETS,
     DEFAULT_BACKBONE,
     MODALITIES,
     MODEL_KINDS,
@@ -107,6 +109,7 @@ class CVConfig:
     aggregation: str = DEFAULT_AGGREGATION
     unit: str = TrainConfig.unit
     aux_weight: float = TrainConfig.aux_weight
+    aux_targets: str = DEFAULT_AUX_TARGETS  # comma-separated names of vocabulary.AUX_TARGETS
     selection: str = TrainConfig.selection
     covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers
     view: str = "axial"
@@ -160,6 +163,7 @@ class CVConfig:
             raise InputError(f"unknown training unit {self.unit!r}; choose one of {TRAINING_UNITS}")
         if self.selection not in SELECTIONS:
             raise InputError(f"unknown selection {self.selection!r}; choose one of {SELECTIONS}")
+        aux_target_names(self.aux_targets)
         if self.view not in VIEWS:
             raise InputError(f"unknown view {self.view!r}; choose one of {VIEWS}")
         if self.folds < 2 or self.epochs < 1 or self.batch_size < 2 or not 0 < self.val_fraction < 1:
@@ -306,14 +310,40 @@ def _image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str) -> tor
     return torch.from_numpy(np.array(arr, dtype=np.float32))  # writable copy of the memmap
 
 
-AUX_TARGETS = ("suvmax", "volume_ml")  # measured per lesion by the crop stage, log-transformed
+def aux_target_names(text: str) -> tuple[str, ...]:
+    """The auxiliary targets named in ``text`` (comma-separated :data:`~psma_lib.vocabulary.AUX_TARGETS`).
+
+    >>> aux_target_names("log_suvmax, bone")
+    ('log_suvmax', 'bone')
+    """
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in AUX_TARGETS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise InputError(f"aux_targets must name distinct targets from {', '.join(AUX_TARGETS)}; got {text!r}")
+    return names
 
 
-def lesion_target_values(lesions: pd.DataFrame) -> np.ndarray:
-    """``[L, 2]`` log SUVmax and log volume (mL) of each lesion as measured; NaN where unknown."""
-    values = lesions.reindex(columns=list(AUX_TARGETS)).apply(pd.to_numeric, errors="coerce").to_numpy(float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(values > 0, np.log(values), np.nan)
+def lesion_target_values(lesions: pd.DataFrame, names: Sequence[str] = ("log_suvmax", "log_volume")) -> np.ndarray:
+    """``[L, len(names)]`` auxiliary target values of each lesion as measured; NaN where unknown.
+
+    ``log_suvmax``/``log_volume``: logs of the crop stage's ``suvmax``/``volume_ml`` (unknown if not
+    positive); ``log_suvmean_ratio``: log(``suvmean`` / ``suvmax``), <= 0, lower for a lesion whose
+    uptake is uneven (a cold core); ``bone``: 1 where the lesion table's ``site`` is bone.
+    """
+    def positive_log(column: str) -> np.ndarray:
+        values = pd.to_numeric(lesions[column], errors="coerce").to_numpy(float) if column in lesions \
+            else np.full(len(lesions), np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(values > 0, np.log(values), np.nan)
+
+    columns = {
+        "log_suvmax": lambda: positive_log("suvmax"),
+        "log_volume": lambda: positive_log("volume_ml"),
+        "log_suvmean_ratio": lambda: positive_log("suvmean") - positive_log("suvmax"),
+        "bone": lambda: (lesions["site"].astype(str) == "bone").to_numpy(float) if "site" in lesions
+        else np.full(len(lesions), np.nan),
+    }
+    return np.column_stack([columns[n]() for n in names]) if len(names) else np.zeros((len(lesions), 0))
 
 
 def standardise_targets(values: np.ndarray, train_rows: np.ndarray) -> torch.Tensor:
@@ -396,7 +426,7 @@ def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
     return SurvivalModel(config.modality, config.backbone if image_model else "resnet18",
                          n_clinical=n_clinical, view=config.view,
                          attention=config.aggregation == "attention" and image_model,
-                         n_aux=len(AUX_TARGETS) if config.aux_weight > 0 and image_model else 0)
+                         n_aux=len(aux_target_names(config.aux_targets)) if config.aux_weight > 0 and image_model else 0)
 
 
 def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device, out_dir: Path,
@@ -432,7 +462,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         use_aux = config.aux_weight > 0 and config.modality != "clinical"
         targets = None
         if use_aux:
-            values = lesion_target_values(lesions)
+            values = lesion_target_values(lesions, aux_target_names(config.aux_targets))
             targets = standardise_targets(values, lesions["patient_id"].isin(inner_train).to_numpy())
         data = {}
         for name, ids in (("train", inner_train), ("val", inner_val), ("test", test_ids), ("fold_train", train_ids)):
@@ -626,7 +656,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--unit", choices=TRAINING_UNITS, default=d.unit,
                    help="training unit: patient = bags of lesions, Cox loss on the aggregated risk (default)")
     p.add_argument("--aux-weight", type=float, default=d.aux_weight,
-                   help="weight of the auxiliary lesion regression (measured log SUVmax, log volume)")
+                   help="weight of the auxiliary lesion regression (0: none)")
+    p.add_argument("--aux-targets", default=d.aux_targets,
+                   help=f"comma-separated auxiliary lesion targets from {', '.join(AUX_TARGETS)} "
+                        f"(default {d.aux_targets})")
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                    help="last = fixed schedule on the whole training fold (default); val_* = inner split")
     p.add_argument("--covariates", choices=COXPH_COVARIATES, default=d.covariates,

@@ -52,6 +52,12 @@ DEFAULT_BACKBONE = "resnet18"
 
 VIEWS = ("axial", "orthogonal")
 
+#: Auxiliary lesion targets an image model may regress (a regulariser; all measured from the crop
+#: stage's lesion table, never the synthetic truth): log SUVmax, log volume (mL), the heterogeneity
+#: log(SUVmean / SUVmax) of the lesion's mask, and the annotated site being bone (0/1).
+AUX_TARGETS = ("log_suvmax", "log_volume", "log_suvmean_ratio", "bone")
+DEFAULT_AUX_TARGETS = "log_suvmax,log_volume"
+
 #: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, see psma_lib.models).
 LESION_AGGREGATIONS = ("mean", "max", "sum")
 #: ... plus ``attention``: a patient-level model pooling lesion embeddings with learned weights.

@@ -422,3 +422,34 @@ def test_auxiliary_targets_are_scaled_on_training_lesions_only():
     train = np.array([True, True, False, False])
     z = standardise_targets(values, train).numpy()
     assert np.allclose(z[:2], [[-1, -1], [1, 1]])  # the huge test lesion moves nothing
+
+
+def test_auxiliary_target_values_are_the_measured_quantities_by_name():
+    from psma_lib.cv import lesion_target_values
+
+    lesions = pd.DataFrame({"suvmax": [10.0, 8.0, np.nan], "suvmean": [5.0, 8.0, 3.0], "volume_ml": [2.0, 0.5, 1.0],
+                            "site": ["bone", "lymph_node", "bone"]})
+    values = lesion_target_values(lesions, ("bone", "log_suvmean_ratio", "log_volume", "log_suvmax"))
+    expected = np.array([[1, np.log(0.5), np.log(2.0), np.log(10.0)],
+                         [0, 0.0, np.log(0.5), np.log(8.0)],
+                         [1, np.nan, 0.0, np.nan]])
+    np.testing.assert_allclose(values, expected)
+    # crops written before suvmean was measured: that target is unknown, the others are not
+    old = lesion_target_values(lesions.drop(columns="suvmean"), ("log_suvmean_ratio", "log_suvmax"))
+    assert np.isnan(old[:, 0]).all() and np.isfinite(old[:2, 1]).all()
+
+
+@pytest.mark.parametrize("text", ["log_suvmax,volume", "", "bone,bone"])
+def test_unknown_or_repeated_auxiliary_targets_are_refused(text):
+    with pytest.raises(InputError, match="aux_targets"):
+        CVConfig(modality="imaging", aux_targets=text).validate()
+
+
+def test_auxiliary_head_has_one_output_per_named_target(tiny_crops, tmp_path):
+    from psma_lib.cv import load_checkpoint
+
+    config = CVConfig(modality="imaging", aux_targets="log_suvmax,log_volume,log_suvmean_ratio,bone",
+                      **{**TINY, "epochs": 1})
+    result = run_cv(tiny_crops, tmp_path / "cv", config)
+    state, _, stored = load_checkpoint(result.out_dir / "checkpoints" / "fold0.safetensors")
+    assert state["aux_head.weight"].shape[0] == 4 and stored["aux_targets"] == config.aux_targets

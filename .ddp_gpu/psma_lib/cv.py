@@ -1,0 +1,678 @@
+"""Patient-grouped, event-stratified K-fold cross-validation of the survival models (``psma-pfs cv``).
+
+Leakage rules: folds are made on **patients** (every lesion of a patient is in the same fold; a
+patient in two folds raises); the clinical preprocessing is fitted on the training fold only; the
+epoch is selected on an inner validation split of the training fold (``val_fraction`` of its
+patients, stratified by event); the test fold is only ever predicted. Every C-index is
+patient-level; ``c_index_lesion`` (each lesion scored against its patient's outcome) is reported
+beside it, labelled, because it flatters: one patient's lesions are counted as many
+correlated "patients" and pairs within a patient are never compared.
+
+Resume: each fold's seed depends only on ``(seed, fold)``; a fold is done when its directory
+``folds/fold<k>/`` exists (written atomically after its checkpoint), so a killed run restarts
+at the first unfinished fold and ends with the same out-of-fold results.
+
+``model="coxph"``: the classical baselines, lifelines' CoxPHFitter (Efron ties, ridge penalizer
+0.01 to keep the fit stable with ~80 training patients) on the same folds, with ``covariates``:
+``clinical`` (the median-imputed, standardised clinical columns without the missing indicators),
+``count`` (log lesion count alone), ``biomarkers`` (the conventional PSMA PET biomarkers of
+:func:`psma_lib.biomarkers.biomarker_features`: log count, log PSMA-TV, log SUVmax, SUVmean,
+bone fraction) or ``clinical+biomarkers``; biomarkers are standardised with the training fold's
+mean and sd.
+
+Each run's summary (fold range, mean +- sd and the pooled out-of-fold C-index with its bootstrap
+CI) is computed once, by :func:`psma_lib.evaluation.summarize_cv`, and stored in
+``results.json``; :func:`load_result` reads a finished run back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from tqdm.auto import tqdm
+
+from . import distributed
+from .errors import InputError
+from .evaluation import concordance_index, summarize_cv
+from .io import atomic_dir, atomic_path, write_csv, write_json
+from .models import ClinicalPreprocessor, SurvivalModel, load_pretrained
+from .repro import provenance, set_seed
+from .train import (
+    HISTORY_COLUMNS,
+    SELECTIONS,
+    TRAINING_UNITS,
+    SurvivalData,
+    TrainConfig,
+    fit,
+    predict,
+    resolve_device,
+)
+from .vocabulary import (
+    AGGREGATIONS,
+    BACKBONES,
+    BACKBONES_3D,
+    CLINICAL_COLUMNS,
+    DEFAULT_AGGREGATION,
+    DEFAULT_BACKBONE,
+    MODALITIES,
+    MODEL_KINDS,
+    VIEWS,
+    model_kinds_for,
+)
+
+COXPH_PENALIZER = 0.01
+COXPH_COVARIATES = ("clinical", "count", "biomarkers", "clinical+biomarkers")
+FOLD_RESULT_COLUMNS = ("fold", "n_train_patients", "n_val_patients", "n_test_patients", "n_test_events",
+                       "c_index", "c_index_lesion", "best_epoch", "seed", "notes")
+
+
+COXPH_AS_BACKBONE = ("'coxph' is a kind of model, not an image backbone: use model='coxph' "
+                     "with modality='clinical' (psma-pfs cv --modality clinical --model coxph)")
+
+
+@dataclass
+class CVConfig:
+    """Everything that defines a cross-validation run (stored in ``config.json``).
+
+    ``model`` is what is trained (:data:`psma_lib.vocabulary.MODEL_KINDS`); None takes the
+    modality's default (``resnet`` for imaging and multimodal, ``mlp`` for clinical).
+    ``backbone`` is the ResNet's (None: the default backbone) and stays None for the clinical
+    models. Training settings default to :class:`psma_lib.train.TrainConfig`'s. ``n_bootstrap``
+    resamples give the pooled C-index's CI in ``results.json``.
+
+    >>> CVConfig(modality="clinical").name, CVConfig(modality="imaging").name
+    ('clinical-mlp', 'imaging-resnet18')
+    """
+
+    modality: str = "multimodal"
+    model: str | None = None
+    backbone: str | None = None
+    epochs: int = TrainConfig.epochs
+    folds: int = 5
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    weight_decay: float = TrainConfig.weight_decay
+    aggregation: str = DEFAULT_AGGREGATION
+    unit: str = TrainConfig.unit
+    aux_weight: float = TrainConfig.aux_weight
+    selection: str = TrainConfig.selection
+    covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers
+    view: str = "axial"
+    val_fraction: float = 0.2
+    patience: int = TrainConfig.patience
+    weights: str | None = None
+    num_threads: int | None = None
+    augment: bool = TrainConfig.augment
+    cuda_graph: bool = TrainConfig.cuda_graph
+    compile: bool = TrainConfig.compile
+    channels_last: bool | None = TrainConfig.channels_last
+    n_bootstrap: int = 1000
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.modality in MODALITIES and self.model is None:
+            self.model = model_kinds_for(self.modality)[0]
+        if self.model == "resnet" and self.backbone is None:
+            self.backbone = DEFAULT_BACKBONE
+
+    @property
+    def name(self) -> str:
+        """``modality-backbone`` for a ResNet, ``modality-model`` for the clinical models, with the
+        covariates of a Cox baseline that is not fitted on the clinical columns."""
+        name = f"{self.modality}-{self.backbone if self.model == 'resnet' else self.model}"
+        return name if self.covariates == "clinical" else f"{name}-{self.covariates.replace('+', '-')}"
+
+    def validate(self) -> None:
+        if self.modality not in MODALITIES:
+            raise InputError(f"unknown modality {self.modality!r}; choose one of {MODALITIES}")
+        if self.backbone == "coxph":
+            raise InputError(COXPH_AS_BACKBONE)
+        if self.model not in MODEL_KINDS:
+            raise InputError(f"unknown model {self.model!r}; choose one of {MODEL_KINDS}")
+        if self.model not in model_kinds_for(self.modality):
+            raise InputError(f"modality {self.modality} trains model {' or '.join(model_kinds_for(self.modality))}, "
+                             f"not {self.model}")
+        if self.model == "resnet" and self.backbone not in BACKBONES:
+            raise InputError(f"unknown backbone {self.backbone!r}; choose one of {BACKBONES}")
+        if self.model != "resnet" and self.backbone is not None:
+            raise InputError(f"the {self.model} model has no image backbone; leave backbone unset")
+        if self.n_bootstrap < 1:
+            raise InputError(f"n_bootstrap must be >= 1, got {self.n_bootstrap}")
+        if self.covariates not in COXPH_COVARIATES:
+            raise InputError(f"unknown covariates {self.covariates!r}; choose one of {COXPH_COVARIATES}")
+        if self.covariates != "clinical" and self.model != "coxph":
+            raise InputError(f"covariates {self.covariates!r} are for the coxph baselines only")
+        if self.aggregation not in AGGREGATIONS:
+            raise InputError(f"unknown aggregation {self.aggregation!r}; choose one of {AGGREGATIONS}")
+        if self.unit not in TRAINING_UNITS:
+            raise InputError(f"unknown training unit {self.unit!r}; choose one of {TRAINING_UNITS}")
+        if self.selection not in SELECTIONS:
+            raise InputError(f"unknown selection {self.selection!r}; choose one of {SELECTIONS}")
+        if self.view not in VIEWS:
+            raise InputError(f"unknown view {self.view!r}; choose one of {VIEWS}")
+        if self.folds < 2 or self.epochs < 1 or self.batch_size < 2 or not 0 < self.val_fraction < 1:
+            raise InputError("need folds >= 2, epochs >= 1, batch_size >= 2 and 0 < val_fraction < 1")
+
+    def run_defining(self) -> dict:
+        """The fields that change results (resume refuses a different run in the same folder)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
+
+
+@dataclass
+class CVResult:
+    """A finished run: its folder, configuration, out-of-fold predictions and stored results.
+
+    ``summary`` is ``results.json``'s: :func:`psma_lib.evaluation.summarize_cv` of ``oof``
+    (``fold_min, fold_max, fold_mean, fold_sd, pooled, pooled_lo, pooled_hi, n_patients, ...``).
+    The other tables of the folder are read on access.
+    """
+
+    out_dir: Path
+    config: CVConfig
+    oof: pd.DataFrame                 # patient_id, fold, risk, pfs_months, event
+    fold_results: pd.DataFrame        # FOLD_RESULT_COLUMNS, one row per fold
+    summary: dict
+
+    @property
+    def c_index_pooled(self) -> float:
+        return self.summary["pooled"]
+
+    @property
+    def folds(self) -> pd.DataFrame:
+        """``patient_id, fold``."""
+        return _read_table(self.out_dir / "folds.csv")
+
+    @property
+    def train_predictions(self) -> pd.DataFrame:
+        """``fold, patient_id, risk``: each fold's model scoring its own training patients."""
+        return _read_table(self.out_dir / "train_predictions.csv")
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """``fold, epoch, train_loss, ...``: the learning curves."""
+        return _read_table(self.out_dir / "history.csv")
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError("cross-validation output is missing", file=str(path))
+    return pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
+
+
+def fold_seed(seed: int, fold: int) -> int:
+    """A fold's seed from (seed, fold) only, so a resumed fold trains exactly as before."""
+    return int(np.random.SeedSequence([seed, fold]).generate_state(1)[0])
+
+
+def make_folds(patients: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
+    """``patient_id, fold``: StratifiedKFold on ``event`` over patients (so grouped by patient)."""
+    n_events = int(patients["event"].sum())
+    if len(patients) < 2 * n_folds or min(n_events, len(patients) - n_events) < n_folds:
+        raise InputError(f"{len(patients)} patients with {n_events} events are too few for {n_folds} "
+                         "event-stratified folds")
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed % 2**32)
+    fold = np.empty(len(patients), dtype=int)
+    for k, (_, test) in enumerate(skf.split(np.zeros(len(patients)), patients["event"].to_numpy())):
+        fold[test] = k
+    folds = pd.DataFrame({"patient_id": patients["patient_id"].to_numpy(), "fold": fold})
+    check_folds(folds, lesions=None)
+    return folds
+
+
+def check_folds(folds: pd.DataFrame, lesions: pd.DataFrame | None) -> None:
+    """Raise if a patient (or, given ``lesions``, a patient's lesions) is in more than one fold."""
+    dup = folds["patient_id"][folds["patient_id"].duplicated()]
+    if len(dup):
+        raise AssertionError(f"patients in more than one fold: {sorted(set(dup))[:5]}")
+    if lesions is not None:
+        merged = lesions[["patient_id"]].merge(folds, on="patient_id", how="left")
+        if merged["fold"].isna().any() or (merged.groupby("patient_id")["fold"].nunique() > 1).any():
+            raise AssertionError("a patient's lesions are split across folds or unassigned")
+
+
+def _load_crops(crops_dir: Path):
+    from .crop import load_crops
+
+    try:
+        return load_crops(crops_dir)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"cannot read crops directory: {exc}", file=str(crops_dir)) from exc
+
+
+def _check_inputs(crops, modality: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    patients = crops.patients.copy()
+    patients["patient_id"] = patients["patient_id"].astype(str)
+    lesions = crops.lesions.copy()
+    lesions["patient_id"] = lesions["patient_id"].astype(str)
+    lesions["lesion_id"] = lesions["lesion_id"].astype(str)
+    for col in ("pfs_months", "event"):
+        if col not in patients.columns:
+            raise InputError(f"patients table has no {col!r} column", file="patients.csv")
+    for _, row in patients.iterrows():
+        t, e = pd.to_numeric(row["pfs_months"], errors="coerce"), pd.to_numeric(row["event"], errors="coerce")
+        if not (np.isfinite(t) and t > 0):
+            raise InputError(f"pfs_months must be a positive number, got {row['pfs_months']!r}",
+                             patient=row["patient_id"], file="patients.csv")
+        if e not in (0, 1):
+            raise InputError(f"event must be 0 or 1, got {row['event']!r}", patient=row["patient_id"], file="patients.csv")
+    patients["pfs_months"] = patients["pfs_months"].astype(float)
+    patients["event"] = patients["event"].astype(int)
+    if patients["patient_id"].duplicated().any():
+        raise InputError(f"duplicate patient ids: {sorted(set(patients['patient_id'][patients['patient_id'].duplicated()]))[:5]}",
+                         file="patients.csv")
+    unknown = sorted(set(lesions["patient_id"]) - set(patients["patient_id"]))
+    if unknown:
+        raise InputError("lesions of a patient missing from patients.csv", patient=unknown[0], file="lesions.csv")
+    if modality != "clinical":
+        without = sorted(set(patients["patient_id"]) - set(lesions["patient_id"]))
+        if without:
+            raise InputError("patient has no lesion crops; an imaging model cannot score them",
+                             patient=without[0], file="lesions.csv")
+    return patients, lesions
+
+
+def _image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str) -> torch.Tensor:
+    """Per-lesion model input as a float32 tensor (2D planes through the centre or the volume)."""
+    if backbone in BACKBONES_3D:
+        arr = np.asarray(crops.images, dtype=np.float32)
+    elif view == "axial":
+        arr = np.asarray(crops.planes("axial"), dtype=np.float32)
+    else:
+        planes = [np.asarray(crops.planes(v), dtype=np.float32) for v in ("axial", "coronal", "sagittal")]
+        if len({p.shape for p in planes}) != 1:
+            raise InputError("orthogonal view needs cubic crops (D = H = W)", file="crops.npy")
+        arr = np.stack(planes, axis=1)
+    finite = np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise InputError(f"crop of lesion {lesions['lesion_id'].iloc[i]} has non-finite values",
+                         patient=lesions["patient_id"].iloc[i], file="crops.npy")
+    return torch.from_numpy(np.array(arr, dtype=np.float32))  # writable copy of the memmap
+
+
+AUX_TARGETS = ("suvmax", "volume_ml")  # measured per lesion by the crop stage, log-transformed
+
+
+def lesion_target_values(lesions: pd.DataFrame) -> np.ndarray:
+    """``[L, 2]`` log SUVmax and log volume (mL) of each lesion as measured; NaN where unknown."""
+    values = lesions.reindex(columns=list(AUX_TARGETS)).apply(pd.to_numeric, errors="coerce").to_numpy(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(values > 0, np.log(values), np.nan)
+
+
+def standardise_targets(values: np.ndarray, train_rows: np.ndarray) -> torch.Tensor:
+    """Targets standardised by the training lesions' mean and sd (fitted inside the fold)."""
+    train = values[train_rows]
+    mean = np.nanmean(train, axis=0) if np.isfinite(train).any() else np.zeros(values.shape[1])
+    sd = np.nanstd(train, axis=0) if np.isfinite(train).any() else np.ones(values.shape[1])
+    mean, sd = np.nan_to_num(mean), np.where(np.nan_to_num(sd) > 1e-8, sd, 1.0)
+    return torch.tensor((values - mean) / sd, dtype=torch.float32)
+
+
+def _subset(patients: pd.DataFrame, lesions: pd.DataFrame, images: torch.Tensor | None,
+            clinical: torch.Tensor | None, pids: list[str],
+            targets: torch.Tensor | None = None) -> tuple[SurvivalData, pd.DataFrame]:
+    """SurvivalData for patients ``pids`` (in that order) and their lesion rows."""
+    p = patients.set_index("patient_id").loc[pids]
+    row_of = {pid: i for i, pid in enumerate(pids)}
+    mask = lesions["patient_id"].isin(row_of).to_numpy()
+    sub_lesions = lesions[mask].reset_index(drop=True)
+    rows = torch.from_numpy(np.flatnonzero(mask))
+    data = SurvivalData(
+        time=torch.tensor(p["pfs_months"].to_numpy(), dtype=torch.float32),
+        event=torch.tensor(p["event"].to_numpy(), dtype=torch.int64),
+        clinical=clinical,
+        images=None if images is None else images[rows],
+        lesion_patient=torch.tensor(sub_lesions["patient_id"].map(row_of).to_numpy(), dtype=torch.int64),
+        lesion_targets=None if targets is None else targets[rows],
+    )
+    return data, sub_lesions
+
+
+def _inner_split(pids: np.ndarray, events: np.ndarray, fraction: float, seed: int) -> tuple[list, list]:
+    stratify = events if np.bincount(events, minlength=2).min() >= 2 else None
+    train, val = train_test_split(pids, test_size=fraction, stratify=stratify, random_state=seed % 2**32)
+    return sorted(train), sorted(val)
+
+
+def _coxph_features(pre: ClinicalPreprocessor, frame: pd.DataFrame) -> np.ndarray:
+    """Imputed, standardised clinical columns without the missing indicators (a few-percent
+    missingness makes them near-constant, which breaks Newton-Raphson convergence)."""
+    return pre.transform(frame)[:, :len(pre.columns)].double().numpy()
+
+
+def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
+                 train_ids: list[str]) -> Callable[[list[str]], np.ndarray]:
+    """``ids -> [n, k]`` design matrix of a Cox baseline, every scaling fitted on ``train_ids``."""
+    from .biomarkers import biomarker_features, patient_biomarkers
+
+    by_id = patients.set_index("patient_id")
+    parts = []
+    if covariates in ("clinical", "clinical+biomarkers"):
+        pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
+        parts.append(lambda ids: _coxph_features(pre, by_id.loc[ids].reset_index()))
+    if covariates != "clinical":
+        table = biomarker_features(patient_biomarkers(lesions, patients["patient_id"])).set_index("patient_id")
+        if covariates == "count":
+            table = table[["log_lesion_count"]]
+        mean, sd = table.loc[train_ids].mean(), table.loc[train_ids].std(ddof=0).replace(0.0, 1.0)
+        parts.append(lambda ids: ((table.loc[ids] - mean) / sd).to_numpy(float))
+    return lambda ids: np.column_stack([part(ids) for part in parts])
+
+
+def _fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
+    """Cox coefficients for design ``x`` of the training patients ``train`` (pfs_months, event)."""
+    from lifelines import CoxPHFitter
+
+    keep = x.std(axis=0) > 1e-8  # e.g. a treatment nobody in this fold received
+    names = [f"x{j}" for j in np.flatnonzero(keep)]
+    frame = pd.DataFrame(x[:, keep], columns=names)
+    frame["T"], frame["E"] = train["pfs_months"].to_numpy(), train["event"].to_numpy()
+    cph = CoxPHFitter(penalizer=COXPH_PENALIZER).fit(frame, "T", "E")
+    coef = np.zeros(x.shape[1])
+    coef[keep] = cph.params_[names].to_numpy()
+    return coef
+
+
+def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
+    """The untrained model a run of ``config`` trains (and its checkpoints hold)."""
+    image_model = config.model == "resnet"
+    return SurvivalModel(config.modality, config.backbone if image_model else "resnet18",
+                         n_clinical=n_clinical, view=config.view,
+                         attention=config.aggregation == "attention" and image_model,
+                         n_aux=len(AUX_TARGETS) if config.aux_weight > 0 and image_model else 0)
+
+
+def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device, out_dir: Path,
+              progress_desc: str) -> None:
+    seed = fold_seed(config.seed, k)
+    set_seed(seed)
+    test_ids = sorted(folds.loc[folds["fold"] == k, "patient_id"])
+    train_ids = sorted(folds.loc[folds["fold"] != k, "patient_id"])
+    if set(test_ids) & set(train_ids):
+        raise AssertionError(f"fold {k}: patients in both training and test fold")
+    by_id = patients.set_index("patient_id")
+    pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
+    clin = lambda ids: pre.transform(by_id.loc[ids].reset_index())  # noqa: E731
+    tensors: dict[str, torch.Tensor] = dict(pre.state_dict())
+    history = pd.DataFrame(columns=list(HISTORY_COLUMNS))
+    best_epoch, notes, n_val = -1, [], 0
+    if config.model == "coxph":
+        design = coxph_design(config.covariates, patients, lesions, train_ids)
+        coef = _fit_coxph(design(train_ids), by_id.loc[train_ids].reset_index())
+        tensors["coxph.coef"] = torch.tensor(coef)
+        score = lambda ids: design(ids) @ coef  # noqa: E731
+        test_risk, train_risk = score(test_ids), score(train_ids)
+        test_les = lesions[lesions["patient_id"].isin(test_ids)].reset_index(drop=True)
+        test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
+    else:
+        if config.selection == "last":  # fixed schedule: every training patient
+            inner_train, inner_val = train_ids, []
+        else:
+            inner_train, inner_val = _inner_split(np.array(train_ids), by_id.loc[train_ids, "event"].to_numpy(),
+                                                  config.val_fraction, seed)
+        n_val = len(inner_val)
+        use_clin = config.modality != "imaging"
+        use_aux = config.aux_weight > 0 and config.modality != "clinical"
+        targets = None
+        if use_aux:
+            values = lesion_target_values(lesions)
+            targets = standardise_targets(values, lesions["patient_id"].isin(inner_train).to_numpy())
+        data = {}
+        for name, ids in (("train", inner_train), ("val", inner_val), ("test", test_ids), ("fold_train", train_ids)):
+            if ids:
+                data[name] = _subset(patients, lesions, images, clin(ids) if use_clin else None, ids,
+                                     targets if name == "train" else None)
+        model = make_model(config, pre.n_features)
+        if config.weights and model.encoder is not None:
+            load_pretrained(model, config.weights)
+        model.to(device)
+        aggregation = "mean" if config.aggregation == "attention" else config.aggregation
+        train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                                weight_decay=config.weight_decay, aggregation=aggregation,
+                                unit=config.unit, aux_weight=config.aux_weight if use_aux else 0.0,
+                                selection=config.selection,
+                                patience=config.patience, augment=config.augment,
+                                cuda_graph=config.cuda_graph, compile=config.compile,
+                                channels_last=config.channels_last, progress=config.progress)
+        val_data = data["val"][0] if "val" in data else None
+        result = fit(model, data["train"][0], val_data, train_cfg, seed, desc=f"{progress_desc} fold {k}")
+        history, best_epoch, notes = result.history, result.best_epoch, result.notes
+        tensors.update({f"model.{n}": t.contiguous() for n, t in result.state_dict.items()})
+        scoring = dict(bf16=train_cfg.bf16)
+        test_risk, test_lh = predict(model, data["test"][0].to(device), aggregation, **scoring)
+        train_risk, _ = predict(model, data["fold_train"][0].to(device), aggregation, **scoring)
+        test_les = data["test"][1]
+        if test_lh is None:  # clinical model: each lesion carries its patient's log-hazard
+            test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
+    test_p = by_id.loc[test_ids]
+    oof = pd.DataFrame({"patient_id": test_ids, "fold": k, "risk": test_risk,
+                        "pfs_months": test_p["pfs_months"].to_numpy(), "event": test_p["event"].to_numpy()})
+    oof_les = pd.DataFrame({"patient_id": test_les["patient_id"], "lesion_id": test_les["lesion_id"],
+                            "fold": k, "log_hazard": test_lh})
+    les_outcome = test_les["patient_id"].map(by_id["pfs_months"]), test_les["patient_id"].map(by_id["event"])
+    fold_result = {
+        "fold": k, "seed": seed, "n_train_patients": len(train_ids), "n_val_patients": n_val,
+        "n_test_patients": len(test_ids), "n_test_events": int(oof["event"].sum()),
+        "c_index": concordance_index(oof["pfs_months"], oof["risk"], oof["event"]),
+        "c_index_lesion": concordance_index(les_outcome[0], test_lh, les_outcome[1]) if len(test_les) else float("nan"),
+        "best_epoch": best_epoch, "notes": "; ".join(notes),
+    }
+    if not distributed.is_main():  # under DDP rank 0 alone writes
+        return
+    ckpt = out_dir / "checkpoints" / f"fold{k}.safetensors"
+    metadata = {"fold": str(k), "clinical_columns": json.dumps(list(pre.columns)),
+                "config": json.dumps(config.run_defining(), sort_keys=True)}
+    with atomic_path(ckpt) as tmp:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata=metadata)
+    with atomic_dir(out_dir / "folds" / f"fold{k}") as tmp:
+        write_csv(tmp / "oof.csv", oof)
+        write_csv(tmp / "oof_lesion.csv", oof_les)
+        write_csv(tmp / "train_predictions.csv",
+                  pd.DataFrame({"fold": k, "patient_id": train_ids, "risk": train_risk}))
+        write_csv(tmp / "history.csv", history.assign(fold=k)[["fold", *history.columns]])
+        write_json(tmp / "result.json", fold_result)
+
+
+def _fold_done(out_dir: Path, k: int) -> bool:
+    return (out_dir / "folds" / f"fold{k}" / "result.json").is_file() and \
+        (out_dir / "checkpoints" / f"fold{k}.safetensors").is_file()
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], ClinicalPreprocessor, dict]:
+    """(model state dict, fitted clinical preprocessor, run config) from ``checkpoints/fold<k>.safetensors``."""
+    from safetensors import safe_open
+
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    pre = ClinicalPreprocessor.from_state_dict(tensors, json.loads(meta["clinical_columns"]))
+    state = {n.removeprefix("model."): t for n, t in tensors.items() if n.startswith("model.")}
+    return state, pre, json.loads(meta["config"])
+
+
+def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
+           on_fold_done: Callable[[int], None] | None = None) -> CVResult | None:
+    """Cross-validate ``config`` on a crops directory; write the contract's CV directory to ``out_dir``.
+
+    Re-running into the same ``out_dir`` with the same config and data resumes after the last
+    finished fold. ``on_fold_done(k)`` is called after fold ``k`` is written (tests use it to
+    simulate a kill). Under ``torchrun`` (:mod:`psma_lib.distributed`) every rank calls this and
+    trains each fold's model together; rank 0 decides which folds are left, writes every output and
+    returns the result, the other ranks return None.
+
+    >>> import tempfile; from psma_lib.testing import write_tiny_crops
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> crops = write_tiny_crops(tmp / "crops", n_patients=12, size=8)
+    >>> config = CVConfig(modality="clinical", model="coxph", folds=2, progress=False)
+    >>> res = run_cv(crops, tmp / "cv", config)
+    >>> sorted(res.oof.columns), 0 <= res.c_index_pooled <= 1
+    (['event', 'fold', 'patient_id', 'pfs_months', 'risk'], True)
+    """
+    config.validate()
+    crops_dir, out_dir = Path(crops_dir), Path(out_dir)
+    crops = _load_crops(crops_dir)
+    patients, lesions = _check_inputs(crops, config.modality)
+    checksum = str(crops.meta.get("data_checksum", ""))
+    device = resolve_device(config.device)
+    folds = make_folds(patients, config.folds, config.seed)
+    check_folds(folds, lesions)
+    images = None
+    if config.modality != "clinical":
+        images = _image_inputs(crops, lesions, config.backbone, config.view)
+        if config.weights:  # a bad weights file fails here, before anything is written
+            load_pretrained(SurvivalModel("imaging", config.backbone, view=config.view), config.weights)
+    header = {"config": config.run_defining(), "data_checksum": checksum}
+    config_path = out_dir / "config.json"
+    main = distributed.is_main()
+    differs = False
+    if main and config_path.is_file():
+        previous = json.loads(config_path.read_text())
+        differs = {k: previous.get(k) for k in header} != json.loads(json.dumps(header))
+    if distributed.broadcast_values([differs])[0]:
+        raise InputError("output folder holds a run with a different configuration or data; "
+                         "use a new --out folder", file=str(config_path))
+    if main and not config_path.is_file():
+        write_json(config_path, {**header, "crops_dir": str(crops_dir), "crops_meta": dict(crops.meta),
+                                 "device_resolved": str(device), "world_size": distributed.world_size(),
+                                 "provenance": provenance(**dataclasses.asdict(config))})
+    if main:
+        write_csv(out_dir / "folds.csv", folds)
+    previous_threads = torch.get_num_threads()
+    previous_det = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // distributed.local_world_size()))
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    try:
+        desc = config.name
+        done = distributed.broadcast_values([_fold_done(out_dir, k) for k in range(config.folds)])
+        todo = [k for k in range(config.folds) if not done[k]]
+        for k in tqdm(todo, desc=f"{desc} folds", disable=not (config.progress and main)):
+            _run_fold(k, config, patients, lesions, folds, images, device, out_dir, desc)
+            distributed.barrier()
+            if on_fold_done is not None:
+                on_fold_done(k)
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_det)
+    return _collect(out_dir, config, checksum) if main else None
+
+
+def _collect(out_dir: Path, config: CVConfig, checksum: str) -> CVResult:
+    read = lambda k, name: _read_table(out_dir / "folds" / f"fold{k}" / name)  # noqa: E731
+    ks = range(config.folds)
+    oof = pd.concat([read(k, "oof.csv") for k in ks], ignore_index=True)
+    fold_results = pd.DataFrame([json.loads((out_dir / "folds" / f"fold{k}" / "result.json").read_text()) for k in ks])
+    fold_results = fold_results[list(FOLD_RESULT_COLUMNS)]
+    write_csv(out_dir / "oof_predictions.csv", oof)
+    write_csv(out_dir / "oof_lesion_predictions.csv", pd.concat([read(k, "oof_lesion.csv") for k in ks], ignore_index=True))
+    write_csv(out_dir / "train_predictions.csv", pd.concat([read(k, "train_predictions.csv") for k in ks], ignore_index=True))
+    write_csv(out_dir / "history.csv", pd.concat([read(k, "history.csv") for k in ks], ignore_index=True))
+    write_csv(out_dir / "fold_results.csv", fold_results)
+    summary = summarize_cv(oof, n_boot=config.n_bootstrap, seed=config.seed)
+    del summary["fold_c_index"]  # the per-fold C-indices are fold_results' c_index
+    summary["c_index_lesion_fold_mean"] = float(fold_results["c_index_lesion"].mean())
+    summary["note"] = ("every C-index is patient-level except c_index_lesion, which scores each lesion "
+                       "against its patient's outcome and flatters (correlated lesions counted as "
+                       "separate subjects)")
+    write_json(out_dir / "results.json", {"summary": summary, "folds": fold_results.to_dict("records"),
+                                          "config": dataclasses.asdict(config), "data_checksum": checksum,
+                                          "provenance": provenance(**dataclasses.asdict(config))})
+    return CVResult(out_dir, config, oof, fold_results, summary)
+
+
+def load_result(out_dir: str | Path) -> CVResult:
+    """The :class:`CVResult` of a finished run folder, read from ``results.json`` and the CSVs."""
+    out_dir = Path(out_dir)
+    path = out_dir / "results.json"
+    if not path.is_file():
+        raise InputError("not a finished cross-validation folder (no results.json)", file=str(path))
+    stored = json.loads(path.read_text())
+    try:
+        config = CVConfig(**stored["config"])
+    except TypeError as exc:
+        raise InputError(f"results.json was written by another version of psma_lib ({exc}); "
+                         "rerun the cross-validation into a new folder", file=str(path)) from exc
+    fold_results = pd.DataFrame(stored["folds"], columns=list(FOLD_RESULT_COLUMNS))
+    return CVResult(out_dir, config, _read_table(out_dir / "oof_predictions.csv"), fold_results,
+                    stored["summary"])
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("cv", help="patient-grouped K-fold cross-validation of a survival model",
+                              description=__doc__.split("\n\n")[0])
+    d = CVConfig()
+    p.add_argument("--crops", required=True, type=Path, help="crops directory (psma-pfs crop)")
+    p.add_argument("--out", required=True, type=Path, help="output CV directory (resumes if it exists)")
+    p.add_argument("--modality", choices=MODALITIES, default=d.modality)
+    p.add_argument("--model", choices=MODEL_KINDS, default=None,
+                   help="resnet (imaging, multimodal), mlp (clinical, default) or coxph (clinical: lifelines)")
+    p.add_argument("--backbone", type=_backbone_arg, default=None, metavar="{" + ",".join(BACKBONES) + "}",
+                   help=f"the ResNet's backbone (default {DEFAULT_BACKBONE})")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--folds", type=int, default=d.folds)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--aggregation", choices=AGGREGATIONS, default=d.aggregation)
+    p.add_argument("--unit", choices=TRAINING_UNITS, default=d.unit,
+                   help="training unit: patient = bags of lesions, Cox loss on the aggregated risk (default)")
+    p.add_argument("--aux-weight", type=float, default=d.aux_weight,
+                   help="weight of the auxiliary lesion regression (measured log SUVmax, log volume)")
+    p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
+                   help="last = fixed schedule on the whole training fold (default); val_* = inner split")
+    p.add_argument("--covariates", choices=COXPH_COVARIATES, default=d.covariates,
+                   help="what the coxph baseline is fitted on (default clinical)")
+    p.add_argument("--view", choices=VIEWS, default=d.view)
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--weights", default=None, help="local pretrained backbone weights (.safetensors or .pt)")
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")
+    p.add_argument("--compile", action="store_true", help="torch.compile the train step")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC activations for 2D backbones (default: on for GPU only)")
+    p.add_argument("--n-bootstrap", type=int, default=d.n_bootstrap,
+                   help="bootstrap resamples of the pooled C-index's 95 %% CI")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cli)
+
+
+def _backbone_arg(text: str) -> str:
+    if text == "coxph":
+        raise argparse.ArgumentTypeError(COXPH_AS_BACKBONE)
+    if text not in BACKBONES:
+        raise argparse.ArgumentTypeError(f"unknown backbone {text!r}; choose one of {', '.join(BACKBONES)}")
+    return text
+
+
+def _cli(args) -> int:
+    fields = {f.name for f in dataclasses.fields(CVConfig)}
+    config = CVConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    with distributed.launched(config.device):  # torchrun: one process group for the run
+        result = run_cv(args.crops, args.out, config)
+    if result is None:  # not rank 0
+        return 0
+    s = result.summary
+    print(f"{config.name}: patient-level C-index pooled OOF {s['pooled']:.3f} "
+          f"(95 % CI {s['pooled_lo']:.3f}-{s['pooled_hi']:.3f}), folds {s['fold_min']:.3f}-{s['fold_max']:.3f} "
+          f"(mean {s['fold_mean']:.3f}); results in {result.out_dir}")
+    return 0

@@ -1,0 +1,64 @@
+"""The study's shared vocabulary: every name that more than one stage must agree on, defined once.
+
+Data: the clinical columns of ``patients.csv`` and the outcome, lesion sites. Models: the input
+modalities, the kinds of model and the image backbones, the 2D views and the lesion-to-patient
+aggregations, with the pipeline's defaults. Stages import these names; none defines its own copy.
+
+>>> DEFAULT_AGGREGATION in LESION_AGGREGATIONS and DEFAULT_BACKBONE in BACKBONES
+True
+>>> model_kinds_for("clinical"), model_kinds_for("imaging")
+(('mlp', 'coxph'), ('resnet',))
+"""
+
+from __future__ import annotations
+
+# --------------------------------------------------------------------------- data
+
+TREATMENT_COLUMNS = ("adt", "arpi", "docetaxel", "radiotherapy", "lu_psma")
+#: The clinical inputs, in the order of ``patients.csv`` and of the models' clinical features.
+CLINICAL_COLUMNS = ("age", "bmi", "ecog", "psa", "gleason", *TREATMENT_COLUMNS)
+OUTCOME_COLUMNS = ("pfs_months", "event")
+
+SITES = ("bone", "lymph_node", "prostate", "visceral")
+#: How tables and figures label a lesion whose site the manifest leaves empty.
+UNKNOWN_SITE = "unknown"
+
+
+def site_labels(sites):
+    """A lesion table's ``site`` column with missing or empty sites labelled :data:`UNKNOWN_SITE`.
+
+    >>> import pandas as pd
+    >>> site_labels(pd.Series(["bone", "", None])).tolist()
+    ['bone', 'unknown', 'unknown']
+    """
+    return sites.fillna(UNKNOWN_SITE).replace("", UNKNOWN_SITE)
+
+
+# --------------------------------------------------------------------------- models
+
+MODALITIES = ("clinical", "imaging", "multimodal")
+
+#: What a cross-validated run trains: ``resnet`` (a ResNet-Cox model on lesion crops, imaging or
+#: multimodal), ``mlp`` (the ResNet-Cox pipeline's clinical branch alone) or ``coxph`` (the
+#: classical Cox proportional-hazards model of lifelines on the clinical columns).
+MODEL_KINDS = ("resnet", "mlp", "coxph")
+_KINDS_BY_MODALITY = {"clinical": ("mlp", "coxph"), "imaging": ("resnet",), "multimodal": ("resnet",)}
+
+BACKBONES_2D = ("resnet18", "resnet34", "resnet50")
+BACKBONES_3D = ("r3d_18",)
+BACKBONES = BACKBONES_2D + BACKBONES_3D
+#: The paper's best backbone: the one the single-model chapters show.
+DEFAULT_BACKBONE = "resnet18"
+
+VIEWS = ("axial", "orthogonal")
+
+#: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, see psma_lib.models).
+LESION_AGGREGATIONS = ("mean", "max", "sum")
+#: ... plus ``attention``: a patient-level model pooling lesion embeddings with learned weights.
+AGGREGATIONS = (*LESION_AGGREGATIONS, "attention")
+DEFAULT_AGGREGATION = "sum"
+
+
+def model_kinds_for(modality: str) -> tuple[str, ...]:
+    """The model kinds a modality can train; the first is its default."""
+    return _KINDS_BY_MODALITY[modality]
