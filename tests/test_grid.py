@@ -217,9 +217,8 @@ def _chapter_configs(profile: str, output_dir: Path) -> dict[str, CVConfig]:
     """Every configuration the chapters ask for, recorded by executing their code with every
     cross-validation (pipeline.run_cv, cv.run_cv) and the data stages replaced by stand-ins.
 
-    Each top-level statement runs on its own and may fail on a stand-in result; a call that a
-    failing statement hides is what this scheme could miss, so the check is also on the runs
-    book.ablation_runs() etc. ask for, whichever chapter calls them.
+    Each top-level statement runs on its own and may fail on a stand-in result (an analysis
+    step); what this could miss is a run asked for later in the very statement that failed.
     """
     recorded: dict[str, CVConfig] = {}
 
@@ -240,8 +239,8 @@ def _chapter_configs(profile: str, output_dir: Path) -> dict[str, CVConfig]:
                     continue
                 for statement in ast.parse(cell.source).body:
                     try:
-                        exec(compile(ast.Module([statement], []), path.name, "exec"), namespace)  # noqa: S102
-                    except Exception:  # noqa: BLE001 - a stand-in result broke an analysis step
+                        exec(compile(ast.Module([statement], []), path.name, "exec"), namespace)
+                    except Exception:  # a stand-in result broke an analysis step: go on
                         pass
                 if "parameters" in cell.metadata.get("tags", []):  # as papermill injects them
                     namespace.update(profile=profile, output_dir=str(output_dir))
