@@ -15,6 +15,7 @@ of :mod:`psma_lib.report`. The runner that executes the chapters is :mod:`psma_l
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -249,23 +250,64 @@ def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str |
     return pipeline.run_cv(crops(s), s.output_dir, cv_config(s, modality, model, backbone, covariates, repeat))
 
 
+# The book's runs as :func:`cv` keywords: the chapters ask for these, ``psma-pfs grid`` trains them.
+CLINICAL_RUNS = (dict(modality="clinical", model="coxph"), dict(modality="clinical", model="mlp"))
+BASELINE_RUNS = tuple(dict(modality="clinical", model="coxph", covariates=c)
+                      for c in ("count", "biomarkers", "clinical+biomarkers"))
+
+
 def baseline_runs(s: BookSettings) -> list[CVResult]:
     """The Cox baselines on the networks' folds: lesion count, PSMA PET biomarkers, clinical +
     biomarkers (the clinical Cox model is among :func:`clinical_runs`)."""
-    return [cv(s, "clinical", "coxph", covariates=c) for c in ("count", "biomarkers", "clinical+biomarkers")]
+    return [cv(s, **run) for run in BASELINE_RUNS]
 
 
 def clinical_runs(s: BookSettings) -> list[CVResult]:
     """The two clinical-only runs on the same folds: the classical lifelines Cox model and the
     ResNet-Cox pipeline's clinical branch (an MLP with the Cox loss)."""
-    return [cv(s, "clinical", "coxph"), cv(s, "clinical", "mlp")]
+    return [cv(s, **run) for run in CLINICAL_RUNS]
+
+
+def ablation_specs(s: BookSettings) -> list[dict]:
+    """:func:`ablation_runs`' runs as :func:`cv` keywords."""
+    return [*CLINICAL_RUNS, *BASELINE_RUNS, *(dict(modality=modality, model="resnet", backbone=backbone)
+                                              for modality in ("imaging", "multimodal") for backbone in s.backbones)]
 
 
 def ablation_runs(s: BookSettings) -> list[CVResult]:
     """Every configuration of the ablation: the clinical runs and the Cox baselines once, then
     imaging and multimodal for each backbone of the settings."""
-    return clinical_runs(s) + baseline_runs(s) + [
-        cv(s, modality, "resnet", backbone) for modality in ("imaging", "multimodal") for backbone in s.backbones]
+    return [cv(s, **run) for run in ablation_specs(s)]
+
+
+def repeat_models(s: BookSettings) -> dict[str, dict]:
+    """Chapter 6's repeated cross-validation: its models (row name -> :func:`cv` keywords), each
+    run again with ``repeat=r`` for r < the profile's ``repeats``.
+
+    >>> list(repeat_models(settings(profile="ci")))
+    ['lesion count (Cox)', 'imaging resnet18', 'multimodal resnet18']
+    """
+    return {"lesion count (Cox)": dict(modality="clinical", model="coxph", covariates="count"),
+            f"imaging {s.main_backbone}": dict(modality="imaging"),
+            f"multimodal {s.main_backbone}": dict(modality="multimodal")}
+
+
+def cv_configs(s: BookSettings) -> list[CVConfig]:
+    """Every cross-validation configuration the chapters ask for, each once: the ablation's runs
+    (which include every single-model chapter's) and chapter 6's repeats with new fold seeds.
+
+    >>> [c.name for c in cv_configs(settings(profile="ci"))][:3]
+    ['clinical-coxph', 'clinical-mlp', 'clinical-coxph-count']
+    >>> len(cv_configs(settings(profile="paper"))) - len(ablation_specs(settings(profile="paper")))
+    12
+    """
+    repeats = PROFILES[s.profile].repeats
+    runs = ablation_specs(s) + [dict(run, repeat=r) for r in range(1, repeats) for run in repeat_models(s).values()]
+    configs = {}
+    for run in runs:
+        config = cv_config(s, **run)
+        configs.setdefault(json.dumps(config.run_defining(), sort_keys=True), config)
+    return list(configs.values())
 
 
 def reproducibility_box(s: BookSettings):

@@ -21,6 +21,7 @@ COMMANDS = {
     "import-nnunet": "nnunet",
     "crop": "crop",
     "cv": "cv",
+    "grid": "grid",
     "book": "runner",
 }
 

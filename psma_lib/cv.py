@@ -8,9 +8,12 @@ patient-level; ``c_index_lesion`` (each lesion scored against its patient's outc
 beside it, labelled, because it flatters: one patient's lesions are counted as many
 correlated "patients" and pairs within a patient are never compared.
 
-Resume: each fold's seed depends only on ``(seed, fold)``; a fold is done when its directory
-``folds/fold<k>/`` exists (written atomically after its checkpoint), so a killed run restarts
-at the first unfinished fold and ends with the same out-of-fold results.
+Resume and independent folds: each fold's seed depends only on ``(seed, fold)``; a fold is done
+when its directory ``folds/fold<k>/`` exists (written atomically after its checkpoint), so a
+killed run restarts at the first unfinished fold and ends with the same out-of-fold results, and
+the folds of one run can be trained by separate processes (:func:`run_fold`, ``psma-pfs cv
+--fold K``) and combined afterwards (:func:`collect`, ``psma-pfs cv --collect``) into exactly the
+files of one sequential :func:`run_cv`.
 
 ``model="coxph"``: the classical baselines, lifelines' CoxPHFitter (Efron ties, ridge penalizer
 0.01 to keep the fit stable with ~80 training patients) on the same folds, with ``covariates``:
@@ -28,6 +31,7 @@ CI) is computed once, by :func:`psma_lib.evaluation.summarize_cv`, and stored in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -44,7 +48,7 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 from .evaluation import concordance_index, summarize_cv
-from .io import atomic_dir, atomic_path, write_csv, write_json
+from .io import atomic_dir, atomic_path, json_text, write_csv, write_json, write_once
 from .models import ClinicalPreprocessor, SurvivalModel, load_pretrained
 from .repro import provenance, set_seed
 from .train import (
@@ -518,7 +522,9 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         write_json(tmp / "result.json", fold_result)
 
 
-def _fold_done(out_dir: Path, k: int) -> bool:
+def fold_done(out_dir: str | Path, k: int) -> bool:
+    """Whether fold ``k`` of the run in ``out_dir`` is finished (its folder and checkpoint exist)."""
+    out_dir = Path(out_dir)
     return (out_dir / "folds" / f"fold{k}" / "result.json").is_file() and \
         (out_dir / "checkpoints" / f"fold{k}.safetensors").is_file()
 
@@ -535,24 +541,35 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Clinical
     return state, pre, json.loads(meta["config"])
 
 
-def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
-           on_fold_done: Callable[[int], None] | None = None) -> CVResult:
-    """Cross-validate ``config`` on a crops directory; write the contract's CV directory to ``out_dir``.
+def cpu_threads() -> int:
+    """Torch threads of a run whose ``num_threads`` is None: ``$OMP_NUM_THREADS`` if set, else the
+    cores this process may run on (a SLURM task's or a grid slot's share, not the whole node's).
 
-    Re-running into the same ``out_dir`` with the same config and data resumes after the last
-    finished fold. ``on_fold_done(k)`` is called after fold ``k`` is written (tests use it to
-    simulate a kill).
-
-    >>> import tempfile; from psma_lib.testing import write_tiny_crops
-    >>> tmp = Path(tempfile.mkdtemp())
-    >>> crops = write_tiny_crops(tmp / "crops", n_patients=12, size=8)
-    >>> config = CVConfig(modality="clinical", model="coxph", folds=2, progress=False)
-    >>> res = run_cv(crops, tmp / "cv", config)
-    >>> sorted(res.oof.columns), 0 <= res.c_index_pooled <= 1
-    (['event', 'fold', 'patient_id', 'pfs_months', 'risk'], True)
+    >>> cpu_threads() >= 1
+    True
     """
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@dataclass
+class _RunInputs:
+    """What every fold of a run reads, prepared once per process."""
+
+    patients: pd.DataFrame
+    lesions: pd.DataFrame
+    folds: pd.DataFrame
+    images: torch.Tensor | None
+    device: torch.device
+
+
+def _prepare(crops_dir: Path, out_dir: Path, config: CVConfig) -> _RunInputs:
+    """Check the inputs, then claim ``out_dir`` for ``config``: ``config.json`` and ``folds.csv``
+    are created once (:func:`psma_lib.io.write_once`), so fold processes starting together on one
+    folder agree on them, and a run with another configuration or data is refused."""
     config.validate()
-    crops_dir, out_dir = Path(crops_dir), Path(out_dir)
     crops = _load_crops(crops_dir)
     patients, lesions = _check_inputs(crops, config.modality)
     checksum = str(crops.meta.get("data_checksum", ""))
@@ -565,36 +582,147 @@ def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
         if config.weights:  # a bad weights file fails here, before anything is written
             load_pretrained(SurvivalModel("imaging", config.backbone, view=config.view), config.weights)
     header = {"config": config.run_defining(), "data_checksum": checksum}
-    config_path = out_dir / "config.json"
-    if config_path.is_file():
-        previous = json.loads(config_path.read_text())
-        if {k: previous.get(k) for k in header} != json.loads(json.dumps(header)):
-            raise InputError("output folder holds a run with a different configuration or data; "
-                             "use a new --out folder", file=str(config_path))
-    else:
-        write_json(config_path, {**header, "crops_dir": str(crops_dir), "crops_meta": dict(crops.meta),
-                                 "device_resolved": str(device),
-                                 "provenance": provenance(**dataclasses.asdict(config))})
-    write_csv(out_dir / "folds.csv", folds)
+    record = {**header, "crops_dir": str(crops_dir), "crops_meta": dict(crops.meta),
+              "device_resolved": str(device), "provenance": provenance(**dataclasses.asdict(config))}
+    if not write_once(out_dir / "config.json", json_text(record)):
+        _check_header(out_dir, header)
+    if not write_once(out_dir / "folds.csv", folds.to_csv(index=False)) and \
+            (out_dir / "folds.csv").read_text() != folds.to_csv(index=False):
+        raise InputError("folds.csv differs from this run's folds; use a new --out folder",
+                         file=str(out_dir / "folds.csv"))
+    return _RunInputs(patients, lesions, folds, images, device)
+
+
+def _read_header(out_dir: Path) -> dict:
+    path = out_dir / "config.json"
+    if not path.is_file():
+        raise InputError("not a cross-validation folder (no config.json)", file=str(path))
+    return json.loads(path.read_text())
+
+
+def _check_header(out_dir: Path, header: dict) -> None:
+    previous = _read_header(out_dir)
+    if {k: previous.get(k) for k in header} != json.loads(json.dumps(header)):
+        raise InputError("output folder holds a run with a different configuration or data; "
+                         "use a new --out folder", file=str(out_dir / "config.json"))
+
+
+@contextlib.contextmanager
+def _torch_settings(config: CVConfig, device: torch.device):
+    """The run's thread count and, on CPU, deterministic kernels; restored afterwards."""
     previous_threads = torch.get_num_threads()
     previous_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.num_threads or cpu_threads())
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     try:
-        desc = config.name
-        todo = [k for k in range(config.folds) if not _fold_done(out_dir, k)]
-        for k in tqdm(todo, desc=f"{desc} folds", disable=not config.progress):
-            _run_fold(k, config, patients, lesions, folds, images, device, out_dir, desc)
-            if on_fold_done is not None:
-                on_fold_done(k)
+        yield
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_det)
-    return _collect(out_dir, config, checksum)
 
 
-def _collect(out_dir: Path, config: CVConfig, checksum: str) -> CVResult:
+def run_fold(crops_dir: str | Path, out_dir: str | Path, config: CVConfig, k: int) -> Path:
+    """Train and score fold ``k`` of ``config`` only, into the run folder ``out_dir``; its folder.
+
+    One independent unit of a run: the folds of one run may be trained by separate processes
+    or machines at the same time, in any order, into the same folder (each fold's outputs are
+    written atomically; a finished fold is skipped). Its seed depends only on ``(seed, k)``, so
+    :func:`collect` afterwards gives exactly :func:`run_cv`'s files.
+
+    >>> import tempfile; from psma_lib.testing import write_tiny_crops
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> crops = write_tiny_crops(tmp / "crops", n_patients=12, size=8)
+    >>> config = CVConfig(modality="clinical", model="coxph", folds=2, n_bootstrap=50, progress=False)
+    >>> run_fold(crops, tmp / "cv", config, 1).name, fold_done(tmp / "cv", 0)
+    ('fold1', False)
+    """
+    crops_dir, out_dir = Path(crops_dir), Path(out_dir)
+    if not 0 <= k < config.folds:
+        raise InputError(f"fold {k} does not exist: the run has folds 0-{config.folds - 1}")
+    inputs = _prepare(crops_dir, out_dir, config)
+    if not fold_done(out_dir, k):
+        with _torch_settings(config, inputs.device):
+            _run_fold(k, config, inputs.patients, inputs.lesions, inputs.folds, inputs.images,
+                      inputs.device, out_dir, config.name)
+    return out_dir / "folds" / f"fold{k}"
+
+
+def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
+           on_fold_done: Callable[[int], None] | None = None) -> CVResult:
+    """Cross-validate ``config`` on a crops directory; write the contract's CV directory to ``out_dir``.
+
+    Every fold (:func:`run_fold`'s work, in one process), then :func:`collect`. Re-running into
+    the same ``out_dir`` with the same config and data resumes after the last finished fold.
+    ``on_fold_done(k)`` is called after fold ``k`` is written (tests use it to simulate a kill).
+
+    >>> import tempfile; from psma_lib.testing import write_tiny_crops
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> crops = write_tiny_crops(tmp / "crops", n_patients=12, size=8)
+    >>> config = CVConfig(modality="clinical", model="coxph", folds=2, progress=False)
+    >>> res = run_cv(crops, tmp / "cv", config)
+    >>> sorted(res.oof.columns), 0 <= res.c_index_pooled <= 1
+    (['event', 'fold', 'patient_id', 'pfs_months', 'risk'], True)
+    """
+    crops_dir, out_dir = Path(crops_dir), Path(out_dir)
+    inputs = _prepare(crops_dir, out_dir, config)
+    with _torch_settings(config, inputs.device):
+        desc = config.name
+        todo = [k for k in range(config.folds) if not fold_done(out_dir, k)]
+        for k in tqdm(todo, desc=f"{desc} folds", disable=not config.progress):
+            _run_fold(k, config, inputs.patients, inputs.lesions, inputs.folds, inputs.images,
+                      inputs.device, out_dir, desc)
+            if on_fold_done is not None:
+                on_fold_done(k)
+    return collect(out_dir, config)
+
+
+def config_from_record(record: dict) -> CVConfig:
+    """The :class:`CVConfig` stored in a run's ``config.json`` or ``results.json`` (or a plain
+    dict of its fields). ``progress`` is not run-defining: ``config.json`` keeps it in its
+    provenance only.
+
+    >>> c = config_from_record({"config": {"modality": "clinical"}, "provenance": {"parameters": {"progress": False}}})
+    >>> c.name, c.progress
+    ('clinical-mlp', False)
+    """
+    fields = record.get("config", record)
+    progress = record.get("provenance", {}).get("parameters", {}).get("progress", True)
+    return CVConfig(**{"progress": progress, **fields})
+
+
+def collect(out_dir: str | Path, config: CVConfig | None = None) -> CVResult:
+    """Combine the finished folds of ``out_dir`` into the run's tables and ``results.json``.
+
+    ``config`` None: the folder's own (``config.json``); given, it must be the folder's. Nothing
+    is trained; a fold that is not finished raises an :class:`InputError` naming it (and nothing
+    is written).
+
+    >>> import tempfile; from psma_lib.testing import write_tiny_crops
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> crops = write_tiny_crops(tmp / "crops", n_patients=12, size=8)
+    >>> config = CVConfig(modality="clinical", model="coxph", folds=2, n_bootstrap=50, progress=False)
+    >>> for k in (1, 0):
+    ...     _ = run_fold(crops, tmp / "cv", config, k)
+    >>> collect(tmp / "cv", config).summary == run_cv(crops, tmp / "seq", config).summary
+    True
+    """
+    out_dir = Path(out_dir)
+    stored = _read_header(out_dir)
+    if config is None:
+        try:
+            config = config_from_record(stored)
+        except TypeError as exc:
+            raise InputError(f"config.json was written by another version of psma_lib ({exc})",
+                             file=str(out_dir / "config.json")) from exc
+    else:
+        _check_header(out_dir, {"config": config.run_defining(), "data_checksum": stored["data_checksum"]})
+    missing = [k for k in range(config.folds) if not fold_done(out_dir, k)]
+    if missing:
+        raise InputError(f"cannot collect {config.name}: fold(s) {', '.join(map(str, missing))} of "
+                         f"{config.folds} not finished (train them with psma-pfs cv ... --fold K)",
+                         file=str(out_dir))
+    checksum = stored["data_checksum"]
     read = lambda k, name: _read_table(out_dir / "folds" / f"fold{k}" / name)  # noqa: E731
     ks = range(config.folds)
     oof = pd.concat([read(k, "oof.csv") for k in ks], ignore_index=True)
@@ -638,8 +766,16 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("cv", help="patient-grouped K-fold cross-validation of a survival model",
                               description=__doc__.split("\n\n")[0])
     d = CVConfig()
-    p.add_argument("--crops", required=True, type=Path, help="crops directory (psma-pfs crop)")
+    p.add_argument("--crops", type=Path, help="crops directory (psma-pfs crop); not needed by --collect")
     p.add_argument("--out", required=True, type=Path, help="output CV directory (resumes if it exists)")
+    unit = p.add_mutually_exclusive_group()
+    unit.add_argument("--fold", type=int, default=None, metavar="K",
+                      help="train fold K only (several processes may train one run's folds at once)")
+    unit.add_argument("--collect", action="store_true",
+                      help="train nothing: combine the finished folds into the run's tables and results.json")
+    p.add_argument("--config", type=Path, default=None, metavar="JSON",
+                   help="the whole configuration from a JSON file (CVConfig fields, or a run's "
+                        "config.json / results.json) instead of the options below")
     p.add_argument("--modality", choices=MODALITIES, default=d.modality)
     p.add_argument("--model", choices=MODEL_KINDS, default=None,
                    help="resnet (imaging, multimodal), mlp (clinical, default) or coxph (clinical: lifelines)")
@@ -678,6 +814,7 @@ def register_cli(subparsers) -> None:
                    help="bootstrap resamples of the pooled C-index's 95 %% CI")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cli)
+    p.set_defaults(option_defaults=vars(p.parse_args(["--out", "."])))  # to tell which options were given
 
 
 def _backbone_arg(text: str) -> str:
@@ -689,11 +826,39 @@ def _backbone_arg(text: str) -> str:
 
 
 def _cli(args) -> int:
-    fields = {f.name for f in dataclasses.fields(CVConfig)}
-    config = CVConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    result = run_cv(args.crops, args.out, config)
+    config = _config_from_args(args)
+    if args.collect:
+        result = collect(args.out, config)
+    elif args.crops is None:
+        raise InputError("--crops is required (except with --collect)")
+    elif args.fold is not None:
+        run_fold(args.crops, args.out, config or CVConfig(), args.fold)
+        print(f"{(config or CVConfig()).name}: fold {args.fold} done in {args.out}")
+        return 0
+    else:
+        result = run_cv(args.crops, args.out, config or CVConfig())
     s = result.summary
-    print(f"{config.name}: patient-level C-index pooled OOF {s['pooled']:.3f} "
+    print(f"{result.config.name}: patient-level C-index pooled OOF {s['pooled']:.3f} "
           f"(95 % CI {s['pooled_lo']:.3f}-{s['pooled_hi']:.3f}), folds {s['fold_min']:.3f}-{s['fold_max']:.3f} "
           f"(mean {s['fold_mean']:.3f}); results in {result.out_dir}")
     return 0
+
+
+def _config_from_args(args) -> CVConfig | None:
+    """The run's configuration: ``--config``'s file, else the options (None: ``--collect`` takes
+    the folder's own). The options may not be combined with ``--config`` or ``--collect``."""
+    fields = {f.name for f in dataclasses.fields(CVConfig)} - {"progress"}
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    changed = sorted(k for k, v in given.items() if v != args.option_defaults[k])
+    if args.config is None and not args.collect:
+        return CVConfig(**given, progress=args.progress)
+    if changed:
+        raise InputError(f"--{changed[0].replace('_', '-')} cannot be combined with "
+                         f"{'--config' if args.config else '--collect'}: the configuration comes from one place")
+    if args.config is None:
+        return None
+    try:
+        config = config_from_record(json.loads(args.config.read_text()))
+        return dataclasses.replace(config, progress=config.progress and args.progress)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"cannot read a configuration from it ({exc})", file=str(args.config)) from exc

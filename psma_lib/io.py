@@ -73,10 +73,41 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[P
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_once(path: str | os.PathLike, data: bytes | str) -> bool:
+    """Create ``path`` holding ``data`` unless it exists; True if this call created it.
+
+    The file appears complete or not at all (a finished temporary file is hard-linked onto
+    ``path``, which fails if ``path`` exists), so processes racing to write it leave the first
+    one's content and every other one learns that it lost (and can check what is there).
+
+    >>> out = Path(tempfile.mkdtemp()) / "config.json"
+    >>> write_once(out, "first"), write_once(out, "second"), out.read_text()
+    (True, False, 'first')
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def json_text(obj, **kwargs) -> str:
+    """The JSON text :func:`write_json` writes (sorted keys, indented, trailing newline)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=str, **kwargs) + "\n"
+
+
 def write_json(path: str | os.PathLike, obj, **kwargs) -> None:
     """Write JSON atomically (sorted keys, indented, trailing newline)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str, **kwargs) + "\n")
+        tmp.write_text(json_text(obj, **kwargs))
 
 
 def write_csv(path: str | os.PathLike, df, **kwargs) -> None:

@@ -99,16 +99,23 @@ def crop_cohort(cohort: CohortFiles, root: str | os.PathLike, *, size_mm: float,
     return load_crops(out)
 
 
-def run_cv(crops: CropSet, root: str | os.PathLike, config: CVConfig) -> CVResult:
-    """One cross-validated configuration (:func:`psma_lib.cv.run_cv`), run once into
-    ``root/cv/<name>-<key>`` (key: every result-defining field of ``config`` and the crops'
-    identity: data checksum, size, spacing, centre mode). An interrupted run resumes."""
-    from . import cv
-
+def cv_folder(crops: CropSet, root: str | os.PathLike, config: CVConfig) -> Path:
+    """The folder :func:`run_cv` uses for ``config``: ``root/cv/<name>-<key>`` (key: every
+    result-defining field of ``config`` and the crops' identity: data checksum, size, spacing,
+    centre mode)."""
     config.validate()
     identity = {k: crops.meta.get(k) for k in ("data_checksum", "size_mm", "spacing_mm", "center_mode")}
     key = cache_key("cv", config=config.run_defining(), crops=identity)
-    out = Path(root) / "cv" / f"{config.name}-{key}"
+    return Path(root) / "cv" / f"{config.name}-{key}"
+
+
+def run_cv(crops: CropSet, root: str | os.PathLike, config: CVConfig) -> CVResult:
+    """One cross-validated configuration (:func:`psma_lib.cv.run_cv`), run once into
+    :func:`cv_folder`. An interrupted run resumes; a folder whose folds were trained separately
+    (``psma-pfs grid``) is read back once collected."""
+    from . import cv
+
+    out = cv_folder(crops, root, config)
     if (out / "results.json").is_file():
         return cv.load_result(out)
     _log(config.progress, f"cross-validating {config.name} ({config.folds} folds, "
