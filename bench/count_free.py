@@ -79,7 +79,8 @@ MEASURED = ["log_volume", "log_suvmax", "bone", "log_ratio"]
 def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dict:
     cohort, crops_dir = prepare(root, seed, patients)
     t0 = time.perf_counter()
-    run = run_cv(crops_dir, root / f"cv-seed{seed}-{config.epochs}ep", config)
+    variant = "" if config.aux_targets == CVConfig().aux_targets else "-aux-" + config.aux_targets.replace(",", "-")
+    run = run_cv(crops_dir, root / f"cv-seed{seed}-{config.epochs}ep{variant}", config)
     seconds = time.perf_counter() - t0
     oof = run.oof.reset_index(drop=True)
     crops = load_crops(crops_dir)
@@ -111,10 +112,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--patients", type=int, default=150)
     parser.add_argument("--epochs", type=int, default=CVConfig().epochs)
+    parser.add_argument("--aux-targets", default=CVConfig().aux_targets,
+                        help="the imaging model's auxiliary lesion targets (psma-pfs cv --aux-targets)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=Path("_build/bench/count_free"))
     args = parser.parse_args()
     config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, num_threads=args.threads,
+                      aux_targets=args.aux_targets,
                       progress=False)
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)
@@ -127,8 +131,9 @@ def main() -> None:
           f"noise {table['noise_mean'].mean():.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"rows": rows, "config": config.run_defining(), "provenance": provenance(bench="count_free")}
-    (args.out / "count_free.json").write_text(json.dumps(record, indent=2, default=float))
-    print(f"written {args.out / 'count_free.json'}")
+    name = "count_free.json" if args.aux_targets == CVConfig().aux_targets else "count_free-aux.json"
+    (args.out / name).write_text(json.dumps(record, indent=2, default=float))
+    print(f"written {args.out / name}")
     assert np.isfinite(table["imaging_resnet18"]).all()
 
 
