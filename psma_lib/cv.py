@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import InputError
 from .evaluation import concordance_index, summarize_cv
 from .io import atomic_dir, atomic_path, write_csv, write_json
@@ -472,6 +473,8 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         "c_index_lesion": concordance_index(les_outcome[0], test_lh, les_outcome[1]) if len(test_les) else float("nan"),
         "best_epoch": best_epoch, "notes": "; ".join(notes),
     }
+    if not distributed.is_main():  # under DDP rank 0 alone writes
+        return
     ckpt = out_dir / "checkpoints" / f"fold{k}.safetensors"
     metadata = {"fold": str(k), "clinical_columns": json.dumps(list(pre.columns)),
                 "config": json.dumps(config.run_defining(), sort_keys=True)}
@@ -504,12 +507,14 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], Clinical
 
 
 def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
-           on_fold_done: Callable[[int], None] | None = None) -> CVResult:
+           on_fold_done: Callable[[int], None] | None = None) -> CVResult | None:
     """Cross-validate ``config`` on a crops directory; write the contract's CV directory to ``out_dir``.
 
     Re-running into the same ``out_dir`` with the same config and data resumes after the last
     finished fold. ``on_fold_done(k)`` is called after fold ``k`` is written (tests use it to
-    simulate a kill).
+    simulate a kill). Under ``torchrun`` (:mod:`psma_lib.distributed`) every rank calls this and
+    trains each fold's model together; rank 0 decides which folds are left, writes every output and
+    returns the result, the other ranks return None.
 
     >>> import tempfile; from psma_lib.testing import write_tiny_crops
     >>> tmp = Path(tempfile.mkdtemp())
@@ -534,32 +539,38 @@ def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
             load_pretrained(SurvivalModel("imaging", config.backbone, view=config.view), config.weights)
     header = {"config": config.run_defining(), "data_checksum": checksum}
     config_path = out_dir / "config.json"
-    if config_path.is_file():
+    main = distributed.is_main()
+    differs = False
+    if main and config_path.is_file():
         previous = json.loads(config_path.read_text())
-        if {k: previous.get(k) for k in header} != json.loads(json.dumps(header)):
-            raise InputError("output folder holds a run with a different configuration or data; "
-                             "use a new --out folder", file=str(config_path))
-    else:
+        differs = {k: previous.get(k) for k in header} != json.loads(json.dumps(header))
+    if distributed.broadcast_values([differs])[0]:
+        raise InputError("output folder holds a run with a different configuration or data; "
+                         "use a new --out folder", file=str(config_path))
+    if main and not config_path.is_file():
         write_json(config_path, {**header, "crops_dir": str(crops_dir), "crops_meta": dict(crops.meta),
-                                 "device_resolved": str(device),
+                                 "device_resolved": str(device), "world_size": distributed.world_size(),
                                  "provenance": provenance(**dataclasses.asdict(config))})
-    write_csv(out_dir / "folds.csv", folds)
+    if main:
+        write_csv(out_dir / "folds.csv", folds)
     previous_threads = torch.get_num_threads()
     previous_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.num_threads or max(1, (os.cpu_count() or 1) // distributed.local_world_size()))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     try:
         desc = config.name
-        todo = [k for k in range(config.folds) if not _fold_done(out_dir, k)]
-        for k in tqdm(todo, desc=f"{desc} folds", disable=not config.progress):
+        done = distributed.broadcast_values([_fold_done(out_dir, k) for k in range(config.folds)])
+        todo = [k for k in range(config.folds) if not done[k]]
+        for k in tqdm(todo, desc=f"{desc} folds", disable=not (config.progress and main)):
             _run_fold(k, config, patients, lesions, folds, images, device, out_dir, desc)
+            distributed.barrier()
             if on_fold_done is not None:
                 on_fold_done(k)
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_det)
-    return _collect(out_dir, config, checksum)
+    return _collect(out_dir, config, checksum) if main else None
 
 
 def _collect(out_dir: Path, config: CVConfig, checksum: str) -> CVResult:
@@ -656,7 +667,10 @@ def _backbone_arg(text: str) -> str:
 def _cli(args) -> int:
     fields = {f.name for f in dataclasses.fields(CVConfig)}
     config = CVConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    result = run_cv(args.crops, args.out, config)
+    with distributed.launched(config.device):  # torchrun: one process group for the run
+        result = run_cv(args.crops, args.out, config)
+    if result is None:  # not rank 0
+        return 0
     s = result.summary
     print(f"{config.name}: patient-level C-index pooled OOF {s['pooled']:.3f} "
           f"(95 % CI {s['pooled_lo']:.3f}-{s['pooled_hi']:.3f}), folds {s['fold_min']:.3f}-{s['fold_max']:.3f} "
