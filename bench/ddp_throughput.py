@@ -64,12 +64,12 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
         torch.manual_seed(0)
         model = SurvivalModel("imaging", "resnet18", n_aux=2).to(device)
         trainer = Trainer(model, data, TrainConfig(batch_size=args.batch_size, progress=False), seed=0)
-        batches = []
-        while len(batches) < args.warmup + args.steps:
-            batches += trainer.epoch_batches()
-        for idx in batches[:args.warmup]:
+        timed = []
+        while len(timed) < args.steps:
+            timed += trainer.epoch_batches()
+        timed = timed[:args.steps]
+        for idx in timed:  # untimed pass over the same batches: cuDNN autotunes each new bag shape once
             trainer.step(idx)
-        timed = batches[args.warmup:args.warmup + args.steps]
         lesions = sum(int(trainer.batches.lesion_counts(idx).sum()) for idx in timed)
         _sync(device)
         distributed.barrier()
@@ -130,17 +130,15 @@ def main(argv=None):
     p.add_argument("--patients", type=int, default=128, help="size of the random crop set")
     p.add_argument("--batch-size", type=int, default=16, help="patients per global batch")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 CPU / 50 GPU)")
-    p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--gradient-batches", type=int, default=4, help="batches for the gradient comparison (0: skip)")
     args = p.parse_args(argv)
     on_gpu = resolve_device(args.device).type == "cuda"
     args.steps = args.steps or (50 if on_gpu else 10)
-    args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 2)
     name = torch.cuda.get_device_name(0) if on_gpu else f"CPU ({os.cpu_count()} cores), {args.threads} thread(s) per rank"
     print(f"device: {name}; torch {torch.__version__}; ResNet-18 2D {'x'.join(map(str, PLANE))}, patient bags "
-          f"of 1-6 lesions, global batch {args.batch_size} patients; {args.steps} timed steps after {args.warmup} "
-          f"warm-up; load average {os.getloadavg()[0]:.2f} before (shared machine if high)")
+          f"of 1-6 lesions, global batch {args.batch_size} patients; {args.steps} timed steps after an untimed "
+          f"pass over them; load average {os.getloadavg()[0]:.2f} before (shared machine if high)")
     base = None
     for world in (int(r) for r in args.ranks.split(",")):
         lesions_s, bags_s, notes, device = throughput(world, args)
