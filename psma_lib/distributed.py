@@ -115,6 +115,9 @@ def launched(device: str = "auto") -> Iterator[Context]:
                       dist.get_backend() if active() else None, torch.device("cuda" if use_cuda else "cpu"))
         return
     rank_, size, local = env
+    if use_cuda and ":" in device:
+        raise InputError(f"device {device!r} under torchrun: each rank takes cuda:LOCAL_RANK, so give "
+                         "--device cuda (or auto)")
     if use_cuda:
         if local >= torch.cuda.device_count():
             raise InputError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA devices")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from psma_lib import distributed
 from psma_lib.cli import main as cli_main
@@ -78,6 +79,9 @@ def test_two_rank_cv_run_writes_once_and_matches_one_process(tiny_crops, tmp_pat
     assert all("DDP over 2 ranks (gloo)" in note for note in ddp.fold_results["notes"])
     assert not one.fold_results["notes"].fillna("").str.contains("DDP").any()
     assert not [p for p in (tmp_path / "ddp").rglob(".*")]  # no temporary leftovers
+    for k in range(2):  # global-batch BatchNorm layers keep the checkpoint's keys
+        keys = [set(load_file(run / "checkpoints" / f"fold{k}.safetensors")) for run in (tmp_path / "ddp", tmp_path / "one")]
+        assert keys[0] == keys[1]
     h_ddp, h_one = ddp.history, one.history
     assert len(h_ddp) == len(h_one)
     first = h_one["epoch"] == 0
