@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
+from . import distributed
 from .errors import InputError
 from .evaluation import concordance_index, summarize_cv
 from .io import atomic_dir, atomic_path, json_text, write_csv, write_json, write_once
@@ -508,6 +509,8 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         "c_index_lesion": concordance_index(les_outcome[0], test_lh, les_outcome[1]) if len(test_les) else float("nan"),
         "best_epoch": best_epoch, "notes": "; ".join(notes),
     }
+    if not distributed.is_main():  # under DDP rank 0 alone writes
+        return
     ckpt = out_dir / "checkpoints" / f"fold{k}.safetensors"
     metadata = {"fold": str(k), "clinical_columns": json.dumps(list(pre.columns)),
                 "config": json.dumps(config.run_defining(), sort_keys=True)}
@@ -583,13 +586,22 @@ def _prepare(crops_dir: Path, out_dir: Path, config: CVConfig) -> _RunInputs:
             load_pretrained(SurvivalModel("imaging", config.backbone, view=config.view), config.weights)
     header = {"config": config.run_defining(), "data_checksum": checksum}
     record = {**header, "crops_dir": str(crops_dir), "crops_meta": dict(crops.meta),
-              "device_resolved": str(device), "provenance": provenance(**dataclasses.asdict(config))}
-    if not write_once(out_dir / "config.json", json_text(record)):
-        _check_header(out_dir, header)
-    if not write_once(out_dir / "folds.csv", folds.to_csv(index=False)) and \
-            (out_dir / "folds.csv").read_text() != folds.to_csv(index=False):
-        raise InputError("folds.csv differs from this run's folds; use a new --out folder",
-                         file=str(out_dir / "folds.csv"))
+              "device_resolved": str(device), "world_size": distributed.world_size(),
+              "provenance": provenance(**dataclasses.asdict(config))}
+    problem = None
+    if distributed.is_main():  # under torchrun rank 0 claims the folder; every rank hears the verdict
+        try:
+            if not write_once(out_dir / "config.json", json_text(record)):
+                _check_header(out_dir, header)
+            if not write_once(out_dir / "folds.csv", folds.to_csv(index=False)) and \
+                    (out_dir / "folds.csv").read_text() != folds.to_csv(index=False):
+                raise InputError("folds.csv differs from this run's folds; use a new --out folder",
+                                 file=str(out_dir / "folds.csv"))
+        except InputError as exc:
+            problem = exc
+    if distributed.broadcast_values([problem is not None])[0]:
+        raise problem or InputError("output folder holds a run with a different configuration or data; "
+                                    "use a new --out folder", file=str(out_dir / "config.json"))
     return _RunInputs(patients, lesions, folds, images, device)
 
 
@@ -609,10 +621,11 @@ def _check_header(out_dir: Path, header: dict) -> None:
 
 @contextlib.contextmanager
 def _torch_settings(config: CVConfig, device: torch.device):
-    """The run's thread count and, on CPU, deterministic kernels; restored afterwards."""
+    """The run's thread count (under torchrun: the node's share per rank) and, on CPU,
+    deterministic kernels; restored afterwards."""
     previous_threads = torch.get_num_threads()
     previous_det = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(config.num_threads or cpu_threads())
+    torch.set_num_threads(config.num_threads or max(1, cpu_threads() // distributed.local_world_size()))
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     try:
@@ -620,6 +633,12 @@ def _torch_settings(config: CVConfig, device: torch.device):
     finally:
         torch.set_num_threads(previous_threads)
         torch.use_deterministic_algorithms(previous_det)
+
+
+def _folds_left(out_dir: Path, folds: Sequence[int]) -> list[int]:
+    """The folds not yet finished, as rank 0 sees them (every rank gets the same list)."""
+    done = distributed.broadcast_values([fold_done(out_dir, k) for k in folds])
+    return [k for k, finished in zip(folds, done, strict=True) if not finished]
 
 
 def run_fold(crops_dir: str | Path, out_dir: str | Path, config: CVConfig, k: int) -> Path:
@@ -641,20 +660,23 @@ def run_fold(crops_dir: str | Path, out_dir: str | Path, config: CVConfig, k: in
     if not 0 <= k < config.folds:
         raise InputError(f"fold {k} does not exist: the run has folds 0-{config.folds - 1}")
     inputs = _prepare(crops_dir, out_dir, config)
-    if not fold_done(out_dir, k):
+    if _folds_left(out_dir, [k]):
         with _torch_settings(config, inputs.device):
             _run_fold(k, config, inputs.patients, inputs.lesions, inputs.folds, inputs.images,
                       inputs.device, out_dir, config.name)
+        distributed.barrier()
     return out_dir / "folds" / f"fold{k}"
 
 
 def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
-           on_fold_done: Callable[[int], None] | None = None) -> CVResult:
+           on_fold_done: Callable[[int], None] | None = None) -> CVResult | None:
     """Cross-validate ``config`` on a crops directory; write the contract's CV directory to ``out_dir``.
 
     Every fold (:func:`run_fold`'s work, in one process), then :func:`collect`. Re-running into
     the same ``out_dir`` with the same config and data resumes after the last finished fold.
     ``on_fold_done(k)`` is called after fold ``k`` is written (tests use it to simulate a kill).
+    Under ``torchrun`` (:mod:`psma_lib.distributed`) every rank calls this and trains each fold's
+    model together; rank 0 writes every output and returns the result, the other ranks None.
 
     >>> import tempfile; from psma_lib.testing import write_tiny_crops
     >>> tmp = Path(tempfile.mkdtemp())
@@ -668,13 +690,14 @@ def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
     inputs = _prepare(crops_dir, out_dir, config)
     with _torch_settings(config, inputs.device):
         desc = config.name
-        todo = [k for k in range(config.folds) if not fold_done(out_dir, k)]
-        for k in tqdm(todo, desc=f"{desc} folds", disable=not config.progress):
+        todo = _folds_left(out_dir, range(config.folds))
+        for k in tqdm(todo, desc=f"{desc} folds", disable=not (config.progress and distributed.is_main())):
             _run_fold(k, config, inputs.patients, inputs.lesions, inputs.folds, inputs.images,
                       inputs.device, out_dir, desc)
+            distributed.barrier()
             if on_fold_done is not None:
                 on_fold_done(k)
-    return collect(out_dir, config)
+    return collect(out_dir, config) if distributed.is_main() else None
 
 
 def config_from_record(record: dict) -> CVConfig:
@@ -831,12 +854,16 @@ def _cli(args) -> int:
         result = collect(args.out, config)
     elif args.crops is None:
         raise InputError("--crops is required (except with --collect)")
-    elif args.fold is not None:
-        run_fold(args.crops, args.out, config or CVConfig(), args.fold)
-        print(f"{(config or CVConfig()).name}: fold {args.fold} done in {args.out}")
-        return 0
     else:
-        result = run_cv(args.crops, args.out, config or CVConfig())
+        with distributed.launched((config or CVConfig()).device):  # torchrun: one process group
+            if args.fold is not None:
+                run_fold(args.crops, args.out, config or CVConfig(), args.fold)
+                if distributed.is_main():
+                    print(f"{(config or CVConfig()).name}: fold {args.fold} done in {args.out}")
+                return 0
+            result = run_cv(args.crops, args.out, config or CVConfig())
+    if result is None:  # not rank 0
+        return 0
     s = result.summary
     print(f"{result.config.name}: patient-level C-index pooled OOF {s['pooled']:.3f} "
           f"(95 % CI {s['pooled_lo']:.3f}-{s['pooled_hi']:.3f}), folds {s['fold_min']:.3f}-{s['fold_max']:.3f} "

@@ -244,7 +244,12 @@ class SurvivalModel(nn.Module):
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Lesion log-hazards ``[B]`` and auxiliary predictions ``[B, n_aux]`` (None without)."""
         self._check_inputs(images, clinical)
-        embedding = self.encoder(images) if self.encoder is not None else None
+        return self.score_embedding(self.encoder(images) if self.encoder is not None else None, clinical)
+
+    def score_embedding(self, embedding: torch.Tensor | None, clinical: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward_with_aux` after the encoder: lesion log-hazards and auxiliary predictions
+        from image embeddings ``[B, dim]`` (a data-parallel step gathers these across ranks)."""
         aux = self.aux_head(embedding) if self.aux_head is not None else None
         return self._head(embedding, clinical), aux
 
@@ -261,7 +266,12 @@ class SurvivalModel(nn.Module):
         :func:`segment_aggregate` (``aggregation``), so the Cox loss acts on the patient's risk.
         """
         self._check_inputs(images, clinical)
-        emb = self.encoder(images)
+        return self.score_bags(self.encoder(images), bag_index, n_bags, clinical, aggregation)
+
+    def score_bags(self, emb: torch.Tensor, bag_index: torch.Tensor, n_bags: int,
+                   clinical: torch.Tensor | None = None, aggregation: str = "sum"
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`forward_bags` after the encoder, from the lesions' embeddings ``[L, dim]``."""
         aux = self.aux_head(emb) if self.aux_head is not None else None
         if not self.attention:
             lesion_clinical = None if clinical is None else clinical[bag_index]

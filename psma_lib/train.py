@@ -32,6 +32,13 @@ device, augmentation runs batched there, bf16 autocast, cudnn autotuning, and fo
 without auxiliary targets the whole train step (forward, Cox loss, backward, capturable AdamW) is
 captured once in a CUDA graph and replayed (falls back to eager with a warning if capture fails);
 ``compile=True`` uses ``torch.compile``.
+
+Several processes (``torchrun``, :mod:`psma_lib.distributed`): with an initialised process group
+of more than one rank, :class:`Trainer` splits each global batch into one shard of patients per
+rank, wraps the step in ``DistributedDataParallel`` and computes the loss over the global batch on
+every rank from the gathered lesion embeddings, so the gradient is the single-process gradient of
+that batch (BatchNorm over the global batch too; augmentation and dropout draw the global batch's
+random numbers). CUDA graphs and ``torch.compile`` are off there (a note in the history says so).
 """
 
 from __future__ import annotations
@@ -47,9 +54,13 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cox import neg_partial_log_likelihood
+from .errors import InputError
 from .evaluation import concordance_index
 from .models import SurvivalModel, aggregate_lesion_risks
 from .vocabulary import DEFAULT_AGGREGATION
@@ -122,7 +133,8 @@ class FitResult:
 
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, *, max_rotation_deg: float = 10.0,
-                  max_shift: float = 0.08, pet_log_scale_sd: float = 0.1, ct_shift_sd_hu: float = 20.0) -> torch.Tensor:
+                  max_shift: float = 0.08, pet_log_scale_sd: float = 0.1, ct_shift_sd_hu: float = 20.0,
+                  draw: tuple[int, int] | None = None) -> torch.Tensor:
     """Random flips, small rotations and shifts and intensity jitter for a whole batch at once.
 
     ``x``: ``[B, 2, H, W]``, ``[B, V, 2, S, S]`` or ``[B, 2, D, H, W]`` in SUV / HU. One affine
@@ -130,24 +142,29 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, *, max_rotation_d
     axial H-W plane, uniform +-``max_rotation_deg``) and shift (+-``max_shift`` of the field of
     view); PET is scaled by ``exp(N(0, 0.1))`` (calibration), CT shifted by ``N(0, 20)`` HU. All
     random numbers come from ``generator`` on ``x``'s device: no per-sample Python loop.
+    ``draw=(first, total)``: the random numbers are drawn for a batch of ``total`` samples and
+    rows ``first .. first + len(x)`` are used, so a rank's shard of a global batch is augmented
+    exactly as in one process (which draws for the whole batch).
     """
     b, device = x.shape[0], x.device
-    rand = lambda *s: torch.rand(*s, generator=generator, device=device)  # noqa: E731
-    randn = lambda *s: torch.randn(*s, generator=generator, device=device)  # noqa: E731
+    first, total = draw if draw is not None else (0, b)
+    rows = slice(first, first + b)
+    rand = lambda *s: torch.rand(total, *s, generator=generator, device=device)[rows]  # noqa: E731
+    randn = lambda: torch.randn(total, generator=generator, device=device)[rows]  # noqa: E731
     is_views = x.ndim == 5 and x.shape[2] == 2
     is_3d = x.ndim == 5 and not is_views
     # intensity: channel axis is 1 (or 2 for views)
     shape = [b] + [1] * (x.ndim - 1)
-    pet_scale = torch.exp(pet_log_scale_sd * randn(b)).view(shape)
-    ct_shift = (ct_shift_sd_hu * randn(b)).view(shape)
+    pet_scale = torch.exp(pet_log_scale_sd * randn()).view(shape)
+    ct_shift = (ct_shift_sd_hu * randn()).view(shape)
     if is_views:
         x = torch.stack([x[:, :, 0] * pet_scale.squeeze(-1), x[:, :, 1] + ct_shift.squeeze(-1)], dim=2)
     else:
         x = torch.stack([x[:, 0] * pet_scale.squeeze(-1), x[:, 1] + ct_shift.squeeze(-1)], dim=1)
     n_axes = 3 if is_3d else 2
-    flips = torch.where(rand(b, n_axes) < 0.5, -1.0, 1.0)
-    angle = (2 * rand(b) - 1) * math.radians(max_rotation_deg)
-    shift = (2 * rand(b, n_axes) - 1) * 2 * max_shift  # grid units span 2 per field of view
+    flips = torch.where(rand(n_axes) < 0.5, -1.0, 1.0)
+    angle = (2 * rand() - 1) * math.radians(max_rotation_deg)
+    shift = (2 * rand(n_axes) - 1) * 2 * max_shift  # grid units span 2 per field of view
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.zeros(b, n_axes, n_axes + 1, device=device)
     # grid coordinates are (W, H[, D]); rotate in the (W, H) plane
@@ -183,6 +200,7 @@ class _Batches:
             self.order = torch.argsort(lp, stable=True)
             self.counts = torch.bincount(lp, minlength=data.n_patients)
             self.offsets = torch.cumsum(self.counts, 0) - self.counts
+            self.counts_cpu = self.counts.cpu()
         self.n_units = data.images.shape[0] if unit == "lesion" else data.n_patients
 
     def bag_lesions(self, patients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,19 +212,25 @@ class _Batches:
         pos = torch.arange(int(lens.sum()), device=lens.device) - first[bag] + starts[bag]
         return self.order[pos], bag
 
-    def inputs(self, idx: torch.Tensor) -> Batch:
-        """The batch of unit rows ``idx``."""
+    def lesion_counts(self, idx: torch.Tensor) -> torch.Tensor:
+        """``[len(idx)]`` lesions of each unit row (CPU): a bag's size, or 1 for a lesion."""
+        idx = idx.cpu()
+        return self.counts_cpu[idx] if self.unit == "bag" else torch.ones(len(idx), dtype=torch.int64)
+
+    def inputs(self, idx: torch.Tensor, lesions: slice = slice(None)) -> Batch:
+        """The batch of unit rows ``idx``; ``lesions`` selects the batch's lesion rows whose images
+        are taken (a rank's shard; everything else is the whole batch's)."""
         d = self.data
         pick = lambda t, rows: None if t is None else t[rows]  # noqa: E731
         if self.unit == "patient":
             return Batch(None, d.clinical[idx], d.time[idx], d.event[idx], None, None)
         if self.unit == "lesion":
             pid = d.lesion_patient[idx]
-            return Batch(d.images[idx], pick(d.clinical, pid), d.time[pid], d.event[pid], None,
+            return Batch(d.images[idx[lesions]], pick(d.clinical, pid), d.time[pid], d.event[pid], None,
                          pick(d.lesion_targets, idx))
         rows, bag = self.bag_lesions(idx)
-        return Batch(d.images[rows], pick(d.clinical, idx), d.time[idx], d.event[idx], (bag, len(idx)),
-                     pick(d.lesion_targets, rows))
+        return Batch(d.images[rows[lesions]], pick(d.clinical, idx), d.time[idx], d.event[idx],
+                     (bag, len(idx)), pick(d.lesion_targets, rows))
 
 
 def _unit(model: SurvivalModel, unit: str = "patient") -> str:
@@ -225,6 +249,24 @@ def _forward(model: SurvivalModel, batch: Batch, aggregation: str) -> tuple[torc
     if batch.bags is not None:
         return model.forward_bags(batch.images, batch.bags[0], batch.bags[1], clinical, aggregation)
     return model.forward_with_aux(batch.images, clinical)
+
+
+def _score(model: SurvivalModel, embedding: torch.Tensor, batch: Batch, aggregation: str
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`_forward` after the image encoder, from the batch's lesion embeddings."""
+    clinical = None if model.modality == "imaging" else batch.clinical
+    if batch.bags is not None:
+        return model.score_bags(embedding, batch.bags[0], batch.bags[1], clinical, aggregation)
+    return model.score_embedding(embedding, clinical)
+
+
+def _batch_loss(log_hazard: torch.Tensor, aux: torch.Tensor | None, batch: Batch, aux_weight: float | None
+                ) -> torch.Tensor:
+    """Cox loss of the batch (mean per event) plus ``aux_weight`` x the auxiliary loss (None: no
+    auxiliary term)."""
+    loss = neg_partial_log_likelihood(log_hazard.float(), batch.time, batch.event)
+    aux_loss = auxiliary_loss(aux, batch.targets) if aux_weight is not None else None
+    return loss if aux_loss is None else loss + aux_weight * aux_loss
 
 
 def auxiliary_loss(prediction: torch.Tensor | None, targets: torch.Tensor | None) -> torch.Tensor | None:
@@ -356,6 +398,29 @@ class _GraphedStep:
         return self.loss.clone()  # the static output is overwritten by the next replay
 
 
+class _GlobalLoss(nn.Module):
+    """The loss of one global batch, computed from this rank's shard: the module DDP wraps.
+
+    Image models: the encoder runs on the rank's lesions, every rank's embeddings are gathered
+    (differentiable, in global batch order) and the rest of the model and the loss run on the whole
+    batch, identically on every rank (:mod:`psma_lib.distributed` has the gradient scaling). The
+    clinical model is too small to split: every rank computes the whole batch.
+    """
+
+    def __init__(self, model: SurvivalModel, aggregation: str, aux_weight: float | None, bf16: bool):
+        super().__init__()
+        self.model, self.aggregation, self.aux_weight, self.bf16 = model, aggregation, aux_weight, bf16
+
+    def forward(self, batch: Batch, lesions_per_rank: list[int]) -> torch.Tensor:
+        with _autocast(batch.time.device, self.bf16):
+            if self.model.encoder is None:
+                log_hazard, aux = _forward(self.model, batch, self.aggregation)
+            else:
+                embedding = distributed.all_gather_rows(self.model.encoder(batch.images), lesions_per_rank)
+                log_hazard, aux = _score(self.model, embedding, batch, self.aggregation)
+        return _batch_loss(log_hazard, aux, batch, self.aux_weight)
+
+
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device, capturable: bool):
     """AdamW without weight decay on norms and biases; capturable (tensor lr) for CUDA graphs."""
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
@@ -378,6 +443,9 @@ class Trainer:
     """One model's optimisation: ``step()`` on batches from the epoch permutation.
 
     Exposed separately from :func:`fit` so the throughput benchmark times exactly the same step.
+    Under DDP (:func:`psma_lib.distributed.active`) every rank builds it with the same data and seed:
+    the same permutation everywhere, each global batch split into contiguous shards of units (a
+    patient's lesions on one rank), ``batch_size`` still counting the global batch.
     """
 
     def __init__(self, model: SurvivalModel, train: SurvivalData, config: TrainConfig, seed: int):
@@ -400,11 +468,20 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         want_graph = (self.is_cuda and config.cuda_graph and self.unit == "lesion" and not self.use_aux
                       and not config.compile)
+        self.notes: list[str] = []
+        self.world = distributed.world_size()
+        self.ddp: DistributedDataParallel | None = None
+        if self.world > 1:
+            self._wrap_ddp(want_graph)
+            want_graph = False
         self.optimizer = make_optimizer(model, config.lr, config.weight_decay, self.device, want_graph)
         self.batch_size = min(config.batch_size, self.batches.n_units)
+        if self.ddp is not None and model.encoder is not None and self.batch_size < self.world:
+            raise InputError(f"a batch of {self.batch_size} training units cannot be split over {self.world} "
+                             "ranks: use a larger --batch-size or fewer ranks")
         self.graphed: _GraphedStep | None = None
-        self.notes: list[str] = []
-        self.step_fn = torch.compile(self._eager_loss) if config.compile else self._eager_loss
+        use_compile = config.compile and self.ddp is None
+        self.step_fn = torch.compile(self._eager_loss) if use_compile else self._eager_loss
         if want_graph:
             initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
             try:
@@ -417,6 +494,34 @@ class Trainer:
                 model.load_state_dict(initial)  # undo any warm-up steps taken before the failure
                 self.optimizer = make_optimizer(model, config.lr, config.weight_decay, self.device, False)
 
+    def _wrap_ddp(self, graph_wanted: bool) -> None:
+        """Global-batch BatchNorm and the DistributedDataParallel step (CUDA graphs and compile off)."""
+        self.notes.append(f"DDP over {self.world} ranks ({torch.distributed.get_backend()}): "
+                          "the global batch's loss and gradient")
+        if graph_wanted:
+            self.notes.append("CUDA graphs off under DDP (collectives and per-rank shapes in the step)")
+        if self.config.compile:
+            self.notes.append("torch.compile off under DDP (not tested there)")
+        distributed.sync_batchnorm(self.model, self.device)
+        step = _GlobalLoss(self.model, self.config.aggregation, self.config.aux_weight if self.use_aux else None,
+                           self.bf16)
+        self.ddp = DistributedDataParallel(step, device_ids=[self.device.index] if self.is_cuda else None,
+                                           find_unused_parameters=self.model.aux_head is not None and not self.use_aux)
+
+    def _shard(self, idx: torch.Tensor) -> tuple[Batch, list[int]]:
+        """This rank's view of the global batch ``idx`` and the lesions of every rank: all tensors are
+        the whole batch's except the images, those of the rank's contiguous run of units (augmented
+        with the whole batch's random numbers)."""
+        if self.model.encoder is None:
+            return self.batches.inputs(idx), []
+        lesions = distributed.shard_lesions(self.batches.lesion_counts(idx), self.world)
+        first = sum(lesions[:distributed.rank()])
+        batch = self.batches.inputs(idx, slice(first, first + lesions[distributed.rank()]))
+        if self.config.augment:
+            draw = (first, sum(lesions))
+            batch = batch._replace(images=augment_batch(batch.images, self.generator, draw=draw))
+        return batch, lesions
+
     def _batch(self, idx) -> Batch:
         batch = self.batches.inputs(idx)
         if batch.images is not None and self.config.augment:
@@ -426,9 +531,7 @@ class Trainer:
     def _eager_loss(self, batch: Batch) -> torch.Tensor:
         with _autocast(self.device, self.bf16):
             log_hazard, aux = _forward(self.model, batch, self.config.aggregation)
-        loss = neg_partial_log_likelihood(log_hazard.float(), batch.time, batch.event)
-        aux_loss = auxiliary_loss(aux, batch.targets) if self.use_aux else None
-        return loss if aux_loss is None else loss + self.config.aux_weight * aux_loss
+        return _batch_loss(log_hazard, aux, batch, self.config.aux_weight if self.use_aux else None)
 
     def epoch_batches(self) -> list[torch.Tensor]:
         """Index batches of one epoch: a seeded permutation cut into full batches (static shapes for
@@ -443,11 +546,10 @@ class Trainer:
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         """One optimisation step on unit rows ``idx``; returns the loss tensor (no host sync)."""
         self.model.train()
-        batch = self._batch(idx)
         if self.graphed is not None:
-            return self.graphed(batch)
+            return self.graphed(self._batch(idx))
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.step_fn(batch)
+        loss = self.ddp(*self._shard(idx)) if self.ddp is not None else self.step_fn(self._batch(idx))
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -471,6 +573,11 @@ def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData | None, con
     are kept and ``val`` (if given) is only monitored. ``val_loss`` / ``val_c_index``: the epoch
     with the best patient-level validation loss (or C-index, ties: lower loss) is kept, and
     training stops after ``patience`` epochs without improvement.
+
+    Inside a process group of several ranks (``torchrun``) every rank calls ``fit`` with the same
+    data, config and seed and trains its shard of each global batch (:class:`Trainer`); rank 0
+    alone evaluates, keeps the history (the other ranks return an empty one) and decides best epoch
+    and early stopping, which it broadcasts, so every rank ends with the same weights.
     """
     if config.selection not in SELECTIONS:
         raise ValueError(f"unknown selection {config.selection!r}; choose one of {SELECTIONS}")
@@ -483,29 +590,35 @@ def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData | None, con
     trainer = Trainer(model, train.to(device), config, seed)
     train_eval = dataclasses.replace(trainer.train, lesion_targets=None)
     val = None if val is None else val.to(device)
+    main = distributed.is_main()  # under DDP rank 0 evaluates and decides, the other ranks follow
     best_key, best_epoch, best_state, rows, since_best = None, -1, None, [], 0
-    bar = tqdm(range(config.epochs), desc=desc, disable=not config.progress, leave=False)
+    bar = tqdm(range(config.epochs), desc=desc, disable=not (config.progress and main), leave=False)
     for epoch in bar:
         trainer.set_epoch_lr(epoch)
         losses = [trainer.step(idx) for idx in trainer.epoch_batches()]
-        on_train = _evaluate(model, train_eval, config.aggregation, trainer.bf16)
-        on_val = _evaluate(model, val, config.aggregation, trainer.bf16) if val is not None else {}
-        rows.append({"epoch": epoch, "batch_loss": float(torch.stack(losses).mean()),
-                     "train_loss": on_train["loss"], "train_null_loss": on_train["null_loss"],
-                     "val_loss": on_val.get("loss", np.nan), "val_null_loss": on_val.get("null_loss", np.nan),
-                     "val_c_index": on_val.get("c_index", np.nan)})
-        bar.set_postfix(loss=f"{on_train['loss'] - on_train['null_loss']:+.3f}")
+        is_best, stop = False, False
+        if main:
+            on_train = _evaluate(model, train_eval, config.aggregation, trainer.bf16)
+            on_val = _evaluate(model, val, config.aggregation, trainer.bf16) if val is not None else {}
+            rows.append({"epoch": epoch, "batch_loss": float(torch.stack(losses).mean()),
+                         "train_loss": on_train["loss"], "train_null_loss": on_train["null_loss"],
+                         "val_loss": on_val.get("loss", np.nan), "val_null_loss": on_val.get("null_loss", np.nan),
+                         "val_c_index": on_val.get("c_index", np.nan)})
+            bar.set_postfix(loss=f"{on_train['loss'] - on_train['null_loss']:+.3f}")
+            if config.selection != "last":
+                val_loss = np.nan_to_num(on_val["loss"], nan=np.inf)
+                key = (-val_loss,) if config.selection == "val_loss" else \
+                    (np.nan_to_num(on_val["c_index"], nan=0.5), -val_loss)
+                is_best = best_key is None or key > best_key
+                best_key, since_best = (key, 0) if is_best else (best_key, since_best + 1)
+                stop = since_best >= config.patience
         if config.selection == "last":
             continue
-        val_loss = np.nan_to_num(on_val["loss"], nan=np.inf)
-        key = (-val_loss,) if config.selection == "val_loss" else \
-            (np.nan_to_num(on_val["c_index"], nan=0.5), -val_loss)
-        if best_key is None or key > best_key:
-            best_key, best_epoch, since_best = key, epoch, 0
+        is_best, stop = distributed.broadcast_values([is_best, stop])
+        if is_best:
+            best_epoch = epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            since_best += 1
-        if since_best >= config.patience:
+        if stop:
             break
     if config.selection == "last":
         best_epoch = config.epochs - 1
