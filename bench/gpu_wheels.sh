@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
-for pkg in nibabel lifelines autograd autograd-gamma; do
+for pkg in nibabel lifelines autograd autograd-gamma scikit-survival numexpr ecos osqp; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     --platform any -d .whl "$pkg"

@@ -52,19 +52,20 @@ def main() -> None:
     truth = load_truth(cohort).set_index("patient_id")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     rows = []
-    runs = [("clinical", "coxph")] + [(m, b) for m in args.modalities.split(",") for b in args.backbones.split(",")]
-    for modality, backbone in runs:
-        config = CVConfig(modality=modality, backbone=backbone, epochs=args.epochs, device=args.device,
-                          progress=False)
+    runs = [("clinical", "coxph", None)] + [(m, "resnet", b) for m in args.modalities.split(",")
+                                            for b in args.backbones.split(",")]
+    for modality, model, backbone in runs:
+        config = CVConfig(modality=modality, model=model, backbone=backbone, epochs=args.epochs,
+                          device=args.device, progress=False)
         t = time.perf_counter()
-        result = run_cv(crops, args.out / "cv" / f"{modality}-{backbone}-{args.epochs}", config)
+        result = run_cv(crops, args.out / "cv" / f"{config.name}-{args.epochs}", config)
         seconds = time.perf_counter() - t
         oof = result.oof.reset_index(drop=True)
-        row = {"modality": modality, "backbone": backbone, "seconds": round(seconds, 1),
-               "fold_mean_c": round(result.summary["c_index_fold_mean"], 3),
+        row = {"modality": modality, "backbone": backbone or model, "seconds": round(seconds, 1),
+               "fold_mean_c": round(result.summary["fold_mean"], 3),
                "oracle_fold_mean_c": round(fold_mean_c(oof, truth["linear_predictor"]), 3)}
         rows.append(row)
-        print(f"{modality:10s} {backbone:9s} {seconds:7.1f} s  fold-mean C {row['fold_mean_c']:.3f} "
+        print(f"{modality:10s} {row['backbone']:9s} {seconds:7.1f} s  fold-mean C {row['fold_mean_c']:.3f} "
               f"(oracle {row['oracle_fold_mean_c']:.3f})", flush=True)
     total = time.perf_counter() - t0
     print(f"paper profile on {device}: {total:.0f} s in all")
