@@ -79,8 +79,8 @@ MEASURED = ["log_volume", "log_suvmax", "bone", "log_ratio"]
 def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dict:
     cohort, crops_dir = prepare(root, seed, patients)
     t0 = time.perf_counter()
-    variant = "" if config.aux_targets == CVConfig().aux_targets else "-aux-" + config.aux_targets.replace(",", "-")
-    run = run_cv(crops_dir, root / f"cv-seed{seed}-{config.epochs}ep{variant}", config)
+    aux = config.aux_targets.replace(",", "-")
+    run = run_cv(crops_dir, root / f"cv-seed{seed}-{config.epochs}ep-aux-{aux}", config)
     seconds = time.perf_counter() - t0
     oof = run.oof.reset_index(drop=True)
     crops = load_crops(crops_dir)
@@ -131,7 +131,8 @@ def main() -> None:
           f"noise {table['noise_mean'].mean():.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"rows": rows, "config": config.run_defining(), "provenance": provenance(bench="count_free")}
-    name = "count_free.json" if args.aux_targets == CVConfig().aux_targets else "count_free-aux.json"
+    name = "count_free.json" if args.aux_targets == CVConfig().aux_targets else \
+        f"count_free-aux-{args.aux_targets.replace(',', '-')}.json"
     (args.out / name).write_text(json.dumps(record, indent=2, default=float))
     print(f"written {args.out / name}")
     assert np.isfinite(table["imaging_resnet18"]).all()

@@ -328,7 +328,7 @@ def aux_target_names(text: str) -> tuple[str, ...]:
     return names
 
 
-def lesion_target_values(lesions: pd.DataFrame, names: Sequence[str] = ("log_suvmax", "log_volume")) -> np.ndarray:
+def lesion_target_values(lesions: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
     """``[L, len(names)]`` auxiliary target values of each lesion as measured; NaN where unknown.
 
     ``log_suvmax``/``log_volume``: logs of the crop stage's ``suvmax``/``volume_ml`` (unknown if not

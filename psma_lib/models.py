@@ -215,7 +215,7 @@ class SurvivalModel(nn.Module):
         image_dim = self.encoder.dim if self.encoder is not None else 0
         if attention and self.encoder is not None:
             self.attention_score = nn.Sequential(nn.Linear(image_dim, 64), nn.Tanh(), nn.Linear(64, 1))
-        # auxiliary lesion regression (measured log SUVmax, log volume): a regulariser that makes
+        # auxiliary lesion regression (measured lesion quantities, vocabulary.AUX_TARGETS): a regulariser that makes
         # the embedding encode what the lesion table measures; never part of the log-hazard
         self.aux_head = nn.Linear(image_dim, n_aux) if n_aux and self.encoder is not None else None
         in_dim = image_dim + self.n_clinical

@@ -56,7 +56,7 @@ VIEWS = ("axial", "orthogonal")
 #: stage's lesion table, never the synthetic truth): log SUVmax, log volume (mL), the heterogeneity
 #: log(SUVmean / SUVmax) of the lesion's mask, and the annotated site being bone (0/1).
 AUX_TARGETS = ("log_suvmax", "log_volume", "log_suvmean_ratio", "bone")
-DEFAULT_AUX_TARGETS = "log_suvmax,log_volume"
+DEFAULT_AUX_TARGETS = "log_suvmax,log_volume,log_suvmean_ratio,bone"
 
 #: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, see psma_lib.models).
 LESION_AGGREGATIONS = ("mean", "max", "sum")

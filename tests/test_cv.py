@@ -417,7 +417,7 @@ def test_auxiliary_targets_are_scaled_on_training_lesions_only():
     from psma_lib.cv import lesion_target_values, standardise_targets
 
     lesions = pd.DataFrame({"suvmax": [np.e, np.e**3, 1e6, np.nan], "volume_ml": [1.0, np.e**2, 1e6, 0.0]})
-    values = lesion_target_values(lesions)
+    values = lesion_target_values(lesions, ("log_suvmax", "log_volume"))
     assert np.isnan(values[3]).all()  # unknown or non-positive: no target
     train = np.array([True, True, False, False])
     z = standardise_targets(values, train).numpy()
