@@ -73,14 +73,18 @@ def fold_cox(oof: pd.DataFrame, features: pd.DataFrame, columns: list[str]) -> n
     return risk
 
 
+def variant_name(config: CVConfig) -> str:
+    """The run folder's suffix: the view and the auxiliary targets (the variants compared here)."""
+    return f"{config.view}-aux-{config.aux_targets.replace(',', '-')}"
+
+
 MEASURED = ["log_volume", "log_suvmax", "bone", "log_ratio"]
 
 
 def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dict:
     cohort, crops_dir = prepare(root, seed, patients)
     t0 = time.perf_counter()
-    aux = config.aux_targets.replace(",", "-")
-    run = run_cv(crops_dir, root / f"cv-seed{seed}-{config.epochs}ep-aux-{aux}", config)
+    run = run_cv(crops_dir, root / f"cv-seed{seed}-{config.epochs}ep-{variant_name(config)}", config)
     seconds = time.perf_counter() - t0
     oof = run.oof.reset_index(drop=True)
     crops = load_crops(crops_dir)
@@ -114,25 +118,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=CVConfig().epochs)
     parser.add_argument("--aux-targets", default=CVConfig().aux_targets,
                         help="the imaging model's auxiliary lesion targets (psma-pfs cv --aux-targets)")
+    parser.add_argument("--view", default=CVConfig().view, help="axial or orthogonal (psma-pfs cv --view)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=Path("_build/bench/count_free"))
     args = parser.parse_args()
     config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, num_threads=args.threads,
-                      aux_targets=args.aux_targets,
+                      aux_targets=args.aux_targets, view=args.view,
                       progress=False)
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)
     cols = ["seed", "imaging_resnet18", "noise_mean", "noise_p95", "total_volume", "max_suvmax", "measured_cox",
             "with_true_necrosis", "oracle", "necrosis_partial", "train_seconds"]
     print(f"count-free imaging-only cohorts ({args.patients} patients x 4 lesions, 48 mm / 2 mm crops, "
-          f"{args.epochs} epochs, CPU); patient-level fold-mean C-index")
+          f"{args.epochs} epochs, CPU; {variant_name(config)}); patient-level fold-mean C-index")
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"mean over seeds: imaging {table['imaging_resnet18'].mean():.3f}, oracle {table['oracle'].mean():.3f}, "
           f"noise {table['noise_mean'].mean():.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"rows": rows, "config": config.run_defining(), "provenance": provenance(bench="count_free")}
-    name = "count_free.json" if args.aux_targets == CVConfig().aux_targets else \
-        f"count_free-aux-{args.aux_targets.replace(',', '-')}.json"
+    default = variant_name(config) == variant_name(CVConfig())
+    name = "count_free.json" if default else f"count_free-{variant_name(config)}.json"
     (args.out / name).write_text(json.dumps(record, indent=2, default=float))
     print(f"written {args.out / name}")
     assert np.isfinite(table["imaging_resnet18"]).all()

@@ -71,6 +71,7 @@ from .vocabulary import (
     DEFAULT_AGGREGATION,
     DEFAULT_AUX_TARGETS,
     DEFAULT_BACKBONE,
+    DEFAULT_VIEW,
     MODALITIES,
     MODEL_KINDS,
     VIEWS,
@@ -117,7 +118,7 @@ class CVConfig:
     aux_targets: str = DEFAULT_AUX_TARGETS  # comma-separated names of vocabulary.AUX_TARGETS
     selection: str = TrainConfig.selection
     covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers
-    view: str = "axial"
+    view: str = DEFAULT_VIEW
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
     weights: str | None = None

@@ -4,7 +4,8 @@ and lesion-to-patient aggregation. Every model outputs a **log-hazard** (higher 
 Backbones (torchvision, built with ``weights=None``; nothing is downloaded):
 
 * ``resnet18`` / ``resnet34`` / ``resnet50`` (2D) on planes through the lesion centre.
-  ``view="axial"`` (default): the axial plane through the centre, PET and CT as the two channels
+  ``view="axial"`` (the class's default; cross-validation defaults to ``orthogonal``,
+  :data:`psma_lib.vocabulary.DEFAULT_VIEW`): the axial plane through the centre, PET and CT as the two channels
   of one image ``[B, 2, H, W]`` -- the cheapest view and the one radiologists read.
   ``view="orthogonal"``: axial, coronal and sagittal planes ``[B, 3, 2, S, S]`` go through the
   *same* backbone as three views and their embeddings are averaged (a 2.5D summary of the lesion's
