@@ -295,9 +295,11 @@ def _check_inputs(crops, modality: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return patients, lesions
 
 
-def _image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str) -> torch.Tensor:
-    """Per-lesion model input as a float32 tensor: the volumes (3D backbones) or the central
-    planes (2D: read from the plane files a version 2 crops directory holds, no volume read)."""
+def image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str) -> torch.Tensor:
+    """Per-lesion model input as a float32 tensor: the volumes ``[L, 2, D, H, W]`` (3D backbones),
+    the axial plane ``[L, 2, H, W]`` or the three orthogonal planes ``[L, 3, 2, S, S]`` (2D, read
+    from the plane files a version 2 crops directory holds, no volume read). What a checkpoint
+    of a run with this ``backbone`` and ``view`` scores."""
     where = str(crops.root) if crops.root is not None else "crops"
     if backbone in BACKBONES_3D:
         arr = np.asarray(crops.images, dtype=np.float32)
@@ -582,7 +584,7 @@ def _prepare(crops_dir: Path, out_dir: Path, config: CVConfig) -> _RunInputs:
     check_folds(folds, lesions)
     images = None
     if config.modality != "clinical":
-        images = _image_inputs(crops, lesions, config.backbone, config.view)
+        images = image_inputs(crops, lesions, config.backbone, config.view)
         if config.weights:  # a bad weights file fails here, before anything is written
             load_pretrained(SurvivalModel("imaging", config.backbone, view=config.view), config.weights)
     header = {"config": config.run_defining(), "data_checksum": checksum}

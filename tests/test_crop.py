@@ -615,7 +615,7 @@ def test_sharded_images_index_like_an_array(crops_dir):
 
 
 def test_2d_inputs_read_no_volume(crops_dir, tmp_path):
-    from psma_lib.cv import _image_inputs, _load_crops
+    from psma_lib.cv import _load_crops, image_inputs
 
     reference = load_crops(crops_dir)
     poisoned = _copy(crops_dir, tmp_path / "crops")
@@ -625,14 +625,14 @@ def test_2d_inputs_read_no_volume(crops_dir, tmp_path):
     volumes.flush()
     del volumes
     crops = _load_crops(poisoned)
-    axial = _image_inputs(crops, crops.lesions, "resnet18", "axial")
+    axial = image_inputs(crops, crops.lesions, "resnet18", "axial")
     assert np.array_equal(axial.numpy(), reference.planes("axial"))
-    orthogonal = _image_inputs(crops, crops.lesions, "resnet18", "orthogonal")
+    orthogonal = image_inputs(crops, crops.lesions, "resnet18", "orthogonal")
     assert np.array_equal(orthogonal.numpy()[:, 2], reference.planes("sagittal"))
     # The 3D path does read the volumes, so it sees the poison.
     with pytest.raises(InputError, match="non-finite values"):
-        _image_inputs(crops, crops.lesions, "r3d_18", "axial")
-    intact = _image_inputs(reference, reference.lesions, "r3d_18", "axial")
+        image_inputs(crops, crops.lesions, "r3d_18", "axial")
+    intact = image_inputs(reference, reference.lesions, "r3d_18", "axial")
     assert np.array_equal(intact.numpy(), np.asarray(reference.images))
 
 

@@ -18,6 +18,7 @@ from psma_lib.crop import load_crops
 from psma_lib.cv import (
     CVConfig,
     check_folds,
+    image_inputs,
     load_checkpoint,
     load_result,
     make_folds,
@@ -155,7 +156,7 @@ def test_checkpoint_round_trip_reproduces_oof(imaging_run, tiny_crops):
     mask = crops.lesions["patient_id"].isin(ids).to_numpy()
     lesions = crops.lesions[mask].reset_index(drop=True)
     data = SurvivalData(torch.ones(len(ids)), torch.ones(len(ids), dtype=torch.long), None,
-                        torch.from_numpy(crops.planes("axial")[mask]),
+                        image_inputs(crops, crops.lesions, config["backbone"], config["view"])[mask],
                         torch.tensor(lesions["patient_id"].map({p: i for i, p in enumerate(ids)}).to_numpy()))
     risk, _ = predict(model, data, config["aggregation"])
     assert np.allclose(risk, oof["risk"].to_numpy(), atol=1e-6)
