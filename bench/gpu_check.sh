@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 
 echo "== CUDA tests"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_cox.py tests/test_models.py tests/test_cv.py \
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_cox.py tests/test_models.py tests/test_cv.py tests/test_distributed.py \
   2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 
 echo "== throughput (resnet18 2D 2x64^2, r3d_18 2x32^3; DataLoader baseline vs fast path vs patient bags)"
