@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 from lifelines import CoxPHFitter
 
+from psma_lib.biomarkers import patient_biomarkers
 from psma_lib.crop import crop_cohort, load_crops
 from psma_lib.cv import CVConfig, run_cv
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
@@ -51,13 +52,15 @@ def prepare(root: Path, seed: int, patients: int) -> tuple[Path, Path]:
 
 
 def patient_features(lesions: pd.DataFrame, lesion_truth: pd.DataFrame) -> pd.DataFrame:
-    """Per patient: the measured aggregates and the true volume-weighted necrosis."""
+    """Per patient: the measured aggregates (PSMA-TV, SUVmax and bone fraction as in
+    :mod:`psma_lib.biomarkers`, the mean log(SUVmean / SUVmax)) and the true volume-weighted necrosis."""
+    markers = patient_biomarkers(lesions).set_index("patient_id")
     les = lesions.merge(lesion_truth[["lesion_id", "necrosis"]], on="lesion_id", how="left", validate="1:1")
-    les = les.assign(log_ratio=np.log(les["suvmean"] / les["suvmax"]), bone=(les["site"] == "bone").astype(float),
+    les = les.assign(log_ratio=np.log(les["suvmean"] / les["suvmax"]),
                      weighted_necrosis=les["necrosis"] * les["volume_ml"])
     g = les.groupby("patient_id")
-    return pd.DataFrame({"log_volume": np.log(g["volume_ml"].sum()), "log_suvmax": np.log(g["suvmax"].max()),
-                         "bone": g["bone"].mean(), "log_ratio": g["log_ratio"].mean(),
+    return pd.DataFrame({"log_volume": np.log(markers["psma_tv_ml"]), "log_suvmax": np.log(markers["suvmax"]),
+                         "bone": markers["bone_fraction"], "log_ratio": g["log_ratio"].mean(),
                          "necrosis": g["weighted_necrosis"].sum() / g["volume_ml"].sum()})
 
 
