@@ -17,12 +17,14 @@ Lesion centre (``center``):
 * ``"given"``: the manifest's world centre, falling back to the centroid where none is given.
 
 A lesion with a world centre but no mask label is always centred on its given centre; its
-``volume_ml``, ``suvmax`` and ``suvmean`` are then unknown (NaN, empty in the CSV). ``suvmax``
-and ``suvmean`` are the maximum and the mean of the native PET voxels covering the lesion's label
-(never of the resampled crop; each mask voxel reads the PET voxel containing its centre, so on a
-mask grid finer than the PET the mean is volume-weighted) and ``volume_ml`` is the label's voxel
-count times the mask voxel volume. ``lesions.csv`` rounds centres to 0.001 mm, ``volume_ml``,
-``suvmax`` and ``suvmean`` to 4 decimals. Conventional PSMA biomarkers (PSMA-TV, TL-PSMA, ...)
+``volume_ml``, ``suvmax``, ``suvmean`` and ``hu_mean`` are then unknown (NaN, empty in the CSV).
+``suvmax`` and ``suvmean`` are the maximum and the mean of the native PET voxels covering the
+lesion's label (never of the resampled crop; each mask voxel reads the PET voxel containing its
+centre, so on a mask grid finer than the PET the mean is volume-weighted), ``hu_mean`` the mean of
+the native CT voxels read the same way (the lesion's density: sclerotic bone lesions are dense,
+lytic ones are not), and ``volume_ml`` is the label's voxel count times the mask voxel volume.
+``lesions.csv`` rounds centres to 0.001 mm, ``volume_ml``, ``suvmax`` and ``suvmean`` to 4
+decimals, ``hu_mean`` to 0.01 HU. Conventional PSMA biomarkers (PSMA-TV, TL-PSMA, ...)
 are derived from these columns by :mod:`psma_lib.biomarkers`.
 
 Output (docs/ARCHITECTURE.md, "Crops directory", format version 2): ``lesions.csv`` (row i is
@@ -116,7 +118,7 @@ STORAGE_ERROR_NOTE = (
 SETTING_KEYS = ("size_mm", "spacing_mm", "center_mode", "dtype", "item_shape")
 LESION_TABLE_COLUMNS = (
     "patient_id", "lesion_id", "site", "center_x_mm", "center_y_mm", "center_z_mm",
-    "volume_ml", "suvmax", "suvmean", "edge",
+    "volume_ml", "suvmax", "suvmean", "hu_mean", "edge",
 )
 
 
@@ -131,6 +133,7 @@ class LesionMeasurement:
         suvmax: highest native PET voxel value (SUV) in the label.
         suvmean: mean of the native PET voxel values (SUV) read by the label's voxels (one
             value per mask voxel inside the PET field of view).
+        hu_mean: mean of the native CT voxel values (HU) read the same way (NaN without a CT).
     """
 
     centroid_mm: np.ndarray
@@ -138,6 +141,7 @@ class LesionMeasurement:
     volume_ml: float
     suvmax: float
     suvmean: float
+    hu_mean: float = math.nan
 
 
 def measure_lesion(
@@ -146,8 +150,10 @@ def measure_lesion(
     label: int,
     pet: np.ndarray,
     pet_affine: np.ndarray,
+    ct: np.ndarray | None = None,
+    ct_affine: np.ndarray | None = None,
 ) -> LesionMeasurement:
-    """Centroid, SUVmax location, volume, SUVmax and SUVmean of one label of a lesion mask.
+    """Centroid, SUVmax location, volume, SUVmax, SUVmean (and CT HU mean) of one label of a mask.
 
     The mask may sit on its own grid: each label voxel is mapped to the PET voxel that contains
     its centre, so ``suvmax`` is always a native PET voxel value and ``suvmean`` the mean of the
@@ -157,6 +163,9 @@ def measure_lesion(
         mask: ``(I, J, K)`` integer label map; ``mask_affine`` its voxel -> RAS+ mm matrix.
         label: the lesion's label (> 0).
         pet: ``(I', J', K')`` PET in SUV; ``pet_affine`` its voxel -> RAS+ mm matrix.
+        ct: optional CT in HU on its own grid; ``ct_affine`` its voxel -> RAS+ mm matrix. Each
+            label voxel reads the CT voxel containing its centre (those outside the CT are left
+            out); ``hu_mean`` is NaN without a CT or if no label voxel lies inside it.
 
     Raises:
         ValueError: the label is absent from the mask, or none of its voxels lies in the PET.
@@ -166,15 +175,28 @@ def measure_lesion(
     >>> m = measure_lesion(mask, np.diag([2.0, 2, 2, 1]), 7, pet, np.diag([2.0, 2, 2, 1]))
     >>> m.centroid_mm.tolist(), m.suvmax_mm.tolist(), round(m.volume_ml, 6), m.suvmax, m.suvmean
     ([3.0, 4.0, 4.0], [4.0, 4.0, 4.0], 0.016, 9.0, 4.5)
+    >>> ct = np.zeros((3, 3, 3), np.float32); ct[1, 1, 1] = 800.0  # 4 mm CT voxels, shifted 2 mm
+    >>> measure_lesion(mask, np.diag([2.0, 2, 2, 1]), 7, pet, np.diag([2.0, 2, 2, 1]),
+    ...                ct, np.array([[4.0, 0, 0, -2], [0, 4, 0, 0], [0, 0, 4, 0], [0, 0, 0, 1]])).hu_mean
+    400.0
     """
     voxels = np.argwhere(mask == label)
     if len(voxels) == 0:
         raise ValueError(f"label {label} does not occur in the mask")
-    return _measure_voxels(voxels, mask_affine, pet, pet_affine)
+    return _measure_voxels(voxels, mask_affine, pet, pet_affine, ct, ct_affine)
+
+
+def _read_native(image: np.ndarray, affine: np.ndarray, world: np.ndarray) -> np.ndarray:
+    """Values of the voxels of ``image`` that contain the world points ``[m, 3]`` (points outside
+    the image are left out)."""
+    index = np.rint(world_to_voxel(affine, world)).astype(np.int64)
+    index = index[np.all((index >= 0) & (index < np.array(image.shape)), axis=1)]
+    return image[index[:, 0], index[:, 1], index[:, 2]]
 
 
 def _measure_voxels(
-    voxels: np.ndarray, mask_affine: np.ndarray, pet: np.ndarray, pet_affine: np.ndarray
+    voxels: np.ndarray, mask_affine: np.ndarray, pet: np.ndarray, pet_affine: np.ndarray,
+    ct: np.ndarray | None = None, ct_affine: np.ndarray | None = None,
 ) -> LesionMeasurement:
     """:func:`measure_lesion` for the label's voxel indices ``[m, 3]``."""
     world = voxel_to_world(mask_affine, voxels)
@@ -184,6 +206,7 @@ def _measure_voxels(
         raise ValueError("the lesion's mask voxels all lie outside the PET field of view")
     pet_voxels = pet_voxels[in_pet]
     uptake = pet[pet_voxels[:, 0], pet_voxels[:, 1], pet_voxels[:, 2]]
+    density = _read_native(ct, ct_affine, world) if ct is not None else np.empty(0)
     hottest = int(np.argmax(uptake))  # first maximum in mask voxel order: deterministic
     voxel_ml = abs(float(np.linalg.det(np.asarray(mask_affine, dtype=np.float64)[:3, :3]))) / 1000.0
     return LesionMeasurement(
@@ -192,6 +215,7 @@ def _measure_voxels(
         volume_ml=len(voxels) * voxel_ml,
         suvmax=float(uptake[hottest]),
         suvmean=float(np.mean(uptake, dtype=np.float64)),
+        hu_mean=float(np.mean(density, dtype=np.float64)) if len(density) else math.nan,
     )
 
 
@@ -324,7 +348,7 @@ def _crop_patient(task: _PatientTask) -> _PatientResult:
                     f"lesion {lesion_id!r}: mask_label {label} does not occur in the mask",
                     patient=pid, file=task.files["mask"][1] if "mask" in task.files else pet_file)
             try:
-                measured = _measure_voxels(label_voxels[label], mask_affine, pet, pet_affine)
+                measured = _measure_voxels(label_voxels[label], mask_affine, pet, pet_affine, ct, ct_affine)
             except ValueError as exc:
                 raise InputError(f"lesion {lesion_id!r}: {exc}", patient=pid, file=pet_file) from exc
         if measured is None or (task.center_mode == "given" and given_centre is not None):
@@ -345,6 +369,7 @@ def _crop_patient(task: _PatientTask) -> _PatientResult:
             "volume_ml": measured.volume_ml if measured else math.nan,
             "suvmax": measured.suvmax if measured else math.nan,
             "suvmean": measured.suvmean if measured else math.nan,
+            "hu_mean": measured.hu_mean if measured else math.nan,
         })
 
     crops, edge = crop_volumes(pet, pet_affine, ct, ct_affine, np.array(centres),
@@ -608,7 +633,7 @@ def _crop_shard(cohort, checksum: str, manifest_path: Path, out_dir: Path, shard
                 table.loc[row, list(LESION_TABLE_COLUMNS[3:])] = [
                     round(x, 3), round(y, 3), round(z, 3), round(lesion_stats["volume_ml"], 4),
                     round(lesion_stats["suvmax"], 4), round(lesion_stats["suvmean"], 4),
-                    lesion_stats["edge"]]
+                    round(lesion_stats["hu_mean"], 2), lesion_stats["edge"]]
             bar.update(1)
         bar.close()
         table["edge"] = table["edge"].astype(int)
@@ -1051,9 +1076,10 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read CSV ({exc})", file=str(crops_dir / name)) from exc
     lesions = tables[LESIONS_FILE]
-    if "suvmean" not in lesions.columns and "suvmax" in lesions.columns:
-        # Crops written before suvmean was measured: still readable, SUVmean unknown (NaN).
-        lesions.insert(lesions.columns.get_loc("suvmax") + 1, "suvmean", np.nan)
+    for before, column in (("suvmax", "suvmean"), ("suvmean", "hu_mean")):
+        if column not in lesions.columns and before in lesions.columns:
+            # Crops written before this column was measured: still readable, the value unknown (NaN).
+            lesions.insert(lesions.columns.get_loc(before) + 1, column, np.nan)
     missing = [c for c in LESION_TABLE_COLUMNS if c not in lesions.columns]
     if missing:
         raise InputError(f"missing column(s): {', '.join(missing)}", file=str(crops_dir / LESIONS_FILE))

@@ -130,6 +130,31 @@ def test_mask_centroid_and_suvmax_are_world_positions(case):
         measure_lesion(mask, pet_affine, 4, pet, pet_affine)
 
 
+@pytest.mark.parametrize("case", ["axis-aligned anisotropic", "flipped (LPS-like)", "oblique"])
+def test_lesion_ct_density_reads_the_ct_through_its_own_affine(case):
+    # CT on its own (oblique, flipped, finer, shifted) grid whose HU is a known linear field of
+    # world position: the mask's mean density must be that field at the mask's centroid, to
+    # within the rounding of each mask voxel to the CT voxel containing it (at most half a CT
+    # voxel along each axis, systematic where the grids are commensurate).
+    pet_matrix, ct_matrix = CASES[case]
+    pet_affine = affine_around(pet_matrix, PET_SHAPE, CENTRE_MM)
+    ct_affine = affine_around(ct_matrix * 0.5, CT_SHAPE, CENTRE_MM + 7.0)
+    field = np.array([3.0, -2.0, 1.0])  # HU per world mm along x, y, z
+    ct = voxel_to_world(ct_affine, np.stack(np.meshgrid(*[np.arange(n) for n in CT_SHAPE], indexing="ij"),
+                                            axis=-1)) @ field
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in PET_SHAPE], indexing="ij"), axis=-1)
+    mask = np.where(np.linalg.norm(voxel_to_world(pet_affine, ijk) - CENTRE_MM, axis=-1) <= 12.0, 3, 0)
+    pet = phantom(PET_SHAPE, pet_affine, 10.0)
+
+    measured = measure_lesion(mask, pet_affine, 3, pet, pet_affine, ct, ct_affine)
+
+    rounding = 0.5 * np.abs(field @ ct_affine[:3, :3]).sum()
+    assert measured.hu_mean == pytest.approx(float(measured.centroid_mm @ field), abs=rounding)
+    assert rounding < 10
+    assert abs(float(CENTRE_MM @ field)) > 100  # the field is not ~0 at the lesion by luck
+    assert np.isnan(measure_lesion(mask, pet_affine, 3, pet, pet_affine).hu_mean)  # no CT: unknown
+
+
 def test_suvmax_of_a_mask_on_a_finer_grid_uses_native_pet_voxels():
     pet_affine = affine_around(np.diag([4.0, 4.0, 3.0]), PET_SHAPE, CENTRE_MM)
     pet = phantom(PET_SHAPE, pet_affine, 10.0)
