@@ -336,11 +336,15 @@ def lesion_target_values(lesions: pd.DataFrame, names: Sequence[str]) -> np.ndar
 
     ``log_suvmax``/``log_volume``: logs of the crop stage's ``suvmax``/``volume_ml`` (unknown if not
     positive); ``log_suvmean_ratio``: log(``suvmean`` / ``suvmax``), <= 0, lower for a lesion whose
-    uptake is uneven (a cold core); ``bone``: 1 where the lesion table's ``site`` is bone.
+    uptake is uneven (a cold core); ``bone``: 1 where the lesion table's ``site`` is bone;
+    ``hu_mean``: the mean CT HU of the lesion's mask as measured by the crop stage.
     """
-    def positive_log(column: str) -> np.ndarray:
-        values = pd.to_numeric(lesions[column], errors="coerce").to_numpy(float) if column in lesions \
+    def measured(column: str) -> np.ndarray:
+        return pd.to_numeric(lesions[column], errors="coerce").to_numpy(float) if column in lesions \
             else np.full(len(lesions), np.nan)
+
+    def positive_log(column: str) -> np.ndarray:
+        values = measured(column)
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(values > 0, np.log(values), np.nan)
 
@@ -350,6 +354,7 @@ def lesion_target_values(lesions: pd.DataFrame, names: Sequence[str]) -> np.ndar
         "log_suvmean_ratio": lambda: positive_log("suvmean") - positive_log("suvmax"),
         "bone": lambda: (lesions["site"].astype(str) == "bone").to_numpy(float) if "site" in lesions
         else np.full(len(lesions), np.nan),
+        "hu_mean": lambda: measured("hu_mean"),
     }
     return np.column_stack([columns[n]() for n in names]) if len(names) else np.zeros((len(lesions), 0))
 

@@ -57,8 +57,9 @@ DEFAULT_VIEW = "orthogonal"
 
 #: Auxiliary lesion targets an image model may regress (a regulariser; all measured from the crop
 #: stage's lesion table, never the synthetic truth): log SUVmax, log volume (mL), the heterogeneity
-#: log(SUVmean / SUVmax) of the lesion's mask, and the annotated site being bone (0/1).
-AUX_TARGETS = ("log_suvmax", "log_volume", "log_suvmean_ratio", "bone")
+#: log(SUVmean / SUVmax) of the lesion's mask, the annotated site being bone (0/1), and the mean CT
+#: density (HU) of the lesion's mask.
+AUX_TARGETS = ("log_suvmax", "log_volume", "log_suvmean_ratio", "bone", "hu_mean")
 DEFAULT_AUX_TARGETS = "log_suvmax,log_volume,log_suvmean_ratio,bone"
 
 #: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, see psma_lib.models).

@@ -429,15 +429,15 @@ def test_auxiliary_target_values_are_the_measured_quantities_by_name():
     from psma_lib.cv import lesion_target_values
 
     lesions = pd.DataFrame({"suvmax": [10.0, 8.0, np.nan], "suvmean": [5.0, 8.0, 3.0], "volume_ml": [2.0, 0.5, 1.0],
-                            "site": ["bone", "lymph_node", "bone"]})
-    values = lesion_target_values(lesions, ("bone", "log_suvmean_ratio", "log_volume", "log_suvmax"))
-    expected = np.array([[1, np.log(0.5), np.log(2.0), np.log(10.0)],
-                         [0, 0.0, np.log(0.5), np.log(8.0)],
-                         [1, np.nan, 0.0, np.nan]])
+                            "site": ["bone", "lymph_node", "bone"], "hu_mean": [850.0, 40.0, np.nan]})
+    values = lesion_target_values(lesions, ("bone", "log_suvmean_ratio", "log_volume", "log_suvmax", "hu_mean"))
+    expected = np.array([[1, np.log(0.5), np.log(2.0), np.log(10.0), 850.0],
+                         [0, 0.0, np.log(0.5), np.log(8.0), 40.0],
+                         [1, np.nan, 0.0, np.nan, np.nan]])
     np.testing.assert_allclose(values, expected)
-    # crops written before suvmean was measured: that target is unknown, the others are not
-    old = lesion_target_values(lesions.drop(columns="suvmean"), ("log_suvmean_ratio", "log_suvmax"))
-    assert np.isnan(old[:, 0]).all() and np.isfinite(old[:2, 1]).all()
+    # crops written before suvmean / hu_mean were measured: those targets are unknown, the others are not
+    old = lesion_target_values(lesions.drop(columns=["suvmean", "hu_mean"]), ("log_suvmean_ratio", "hu_mean", "log_suvmax"))
+    assert np.isnan(old[:, :2]).all() and np.isfinite(old[:2, 2]).all()
 
 
 @pytest.mark.parametrize("text", ["log_suvmax,volume", "", "bone,bone"])
