@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check psma_lib tests bench
+	$(VENV)/bin/ruff check psma_lib tests bench chapters
 
 # The unit tests and every docstring example of the library.
 unit: $(STAMP)
