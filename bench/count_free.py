@@ -11,41 +11,62 @@ this prints, on the same patient-grouped folds (fold mean of the patient-level C
 * the oracle (true linear predictor, without frailty),
 * what the measured lesion features reach without any network: a Cox model (fitted in each
   training fold) on the log total volume, log maximum SUVmax, bone fraction and mean
-  log(SUVmean / SUVmax) of a patient's lesions, and the same model with the true volume-weighted
-  necrosis added (a diagnostic, not a method: it shows how much an image model must read of the
+  log(SUVmean / SUVmax) of a patient's lesions; the same with the mean CT density (HU) of the
+  lesions' masks added (the strongest reading of the tables: sclerotic bone lesions are dense,
+  lytic ones are not); a lesion-level model linear in the same five measured quantities of each
+  lesion, its hazards summed per patient as the network's are (what a network that read exactly
+  these quantities and nothing else could reach); and the first model with the true
+  volume-weighted necrosis added (a diagnostic, not a method: it shows how much an image model must read of the
   necrosis, which is in no table, to reach a given C-index),
 * the lesion-level truth recovery: Spearman of the out-of-fold lesion log-hazards with necrosis,
   partial given volume and SUVmax.
 
-Usage (2 CPU cores: about 3-4 minutes per seed)::
+Usage (about 7 minutes per seed with one torch thread, two invocations side by side on 2 CPU
+cores; generating and cropping a new cohort adds about 100 s; ``--patients 300`` doubles both)::
 
-    .venv/bin/python bench/count_free.py --seeds 1 2 3
+    .venv/bin/python bench/count_free.py --seeds 7 8 9 --threads 1
+
+Cohorts, crops and runs are cached under ``--out`` (``train_seconds`` is this invocation's: ~0 for a
+run read back from its folder); a record per variant (and cohort size) keeps
+one row per seed, so seeds can be added in several invocations.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from lifelines import CoxPHFitter
 
 from psma_lib.biomarkers import patient_biomarkers
+from psma_lib.cox import neg_partial_log_likelihood
 from psma_lib.crop import crop_cohort, load_crops
-from psma_lib.cv import CVConfig, run_cv
+from psma_lib.cv import CVConfig, lesion_target_values, run_cv
+from psma_lib.io import write_json
+from psma_lib.models import segment_aggregate
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import Spec, count_free, generate_cohort, load_truth
 
 
+def cohort_name(seed: int, patients: int) -> str:
+    """``seed{seed}``, with ``-n{patients}`` for a cohort size other than the default 150."""
+    return f"seed{seed}" if patients == DEFAULT_PATIENTS else f"seed{seed}-n{patients}"
+
+
 def prepare(root: Path, seed: int, patients: int) -> tuple[Path, Path]:
-    cohort, crops = root / f"cohort-seed{seed}", root / f"crops-seed{seed}"
+    cohort, crops = root / f"cohort-{cohort_name(seed, patients)}", root / f"crops-{cohort_name(seed, patients)}"
     if not (cohort / "manifest.yaml").is_file():
         generate_cohort(cohort, n_patients=patients, seed=seed, signal="imaging",
                         spec=count_free(Spec(), 4), progress=False)
+    if (crops / "crops.json").is_file() and "hu_mean" not in pd.read_csv(crops / "lesions.csv", nrows=1):
+        shutil.rmtree(crops)  # cropped before the CT density was measured: crop again
     if not (crops / "crops.json").is_file():
         crop_cohort(cohort / "manifest.yaml", crops, size_mm=48, spacing_mm=2, progress=False)
     return cohort, crops
@@ -53,7 +74,8 @@ def prepare(root: Path, seed: int, patients: int) -> tuple[Path, Path]:
 
 def patient_features(lesions: pd.DataFrame, lesion_truth: pd.DataFrame) -> pd.DataFrame:
     """Per patient: the measured aggregates (PSMA-TV, SUVmax and bone fraction as in
-    :mod:`psma_lib.biomarkers`, the mean log(SUVmean / SUVmax)) and the true volume-weighted necrosis."""
+    :mod:`psma_lib.biomarkers`, the mean log(SUVmean / SUVmax), the mean lesion CT density in
+    100 HU) and the true volume-weighted necrosis."""
     markers = patient_biomarkers(lesions).set_index("patient_id")
     les = lesions.merge(lesion_truth[["lesion_id", "necrosis"]], on="lesion_id", how="left", validate="1:1")
     les = les.assign(log_ratio=np.log(les["suvmean"] / les["suvmax"]),
@@ -61,6 +83,7 @@ def patient_features(lesions: pd.DataFrame, lesion_truth: pd.DataFrame) -> pd.Da
     g = les.groupby("patient_id")
     return pd.DataFrame({"log_volume": np.log(markers["psma_tv_ml"]), "log_suvmax": np.log(markers["suvmax"]),
                          "bone": markers["bone_fraction"], "log_ratio": g["log_ratio"].mean(),
+                         "hu_mean": g["hu_mean"].mean() / 100,
                          "necrosis": g["weighted_necrosis"].sum() / g["volume_ml"].sum()})
 
 
@@ -76,18 +99,62 @@ def fold_cox(oof: pd.DataFrame, features: pd.DataFrame, columns: list[str]) -> n
     return risk
 
 
+LESION_QUANTITIES = ("log_suvmax", "log_volume", "log_suvmean_ratio", "bone", "hu_mean")
+
+
+def _lesion_sum_risk(x: torch.Tensor, w: torch.Tensor, bags: torch.Tensor, n_patients: int) -> torch.Tensor:
+    return segment_aggregate(x @ w, bags, n_patients, "sum").double()
+
+
+def _fit_lesion_sum(x: torch.Tensor, bags: torch.Tensor, train: np.ndarray, time_: torch.Tensor,
+                    event: torch.Tensor, ridge: float) -> torch.Tensor:
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([w], max_iter=200)
+
+    def closure():
+        optimiser.zero_grad()
+        risk = _lesion_sum_risk(x, w, bags, len(train))[train]
+        loss = neg_partial_log_likelihood(risk, time_[train], event[train]) + ridge * w.square().sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return w.detach()
+
+
+def fold_lesion_sum_cox(oof: pd.DataFrame, lesions: pd.DataFrame, ridge: float = 0.01) -> np.ndarray:
+    """Out-of-fold patient risks ``log Σₗ exp(w·zₗ)`` with zₗ a lesion's measured quantities
+    (:data:`LESION_QUANTITIES`, standardised on the training lesions, unknown -> 0) and w fitted
+    by L-BFGS on the Cox partial likelihood of each training fold's patients (ridge penalty)."""
+    z = lesion_target_values(lesions, LESION_QUANTITIES)
+    bag = lesions["patient_id"].map({p: i for i, p in enumerate(oof["patient_id"])}).to_numpy()
+    bags = torch.tensor(bag)
+    time_, event = (torch.tensor(oof[c].to_numpy(), dtype=torch.float64) for c in ("pfs_months", "event"))
+    risk = np.zeros(len(oof))
+    for k in sorted(oof["fold"].unique()):
+        test = (oof["fold"] == k).to_numpy()
+        train_lesions = ~test[bag]
+        mean, sd = np.nanmean(z[train_lesions], axis=0), np.nanstd(z[train_lesions], axis=0)
+        x = torch.tensor(np.nan_to_num((z - mean) / np.where(sd > 0, sd, 1.0)), dtype=torch.float64)
+        w = _fit_lesion_sum(x, bags, ~test, time_, event, ridge)
+        risk[test] = _lesion_sum_risk(x, w, bags, len(oof))[test].numpy()
+    return risk
+
+
 def variant_name(config: CVConfig) -> str:
     """The run folder's suffix: the view and the auxiliary targets (the variants compared here)."""
     return f"{config.view}-aux-{config.aux_targets.replace(',', '-')}"
 
 
+DEFAULT_PATIENTS = 150
 MEASURED = ["log_volume", "log_suvmax", "bone", "log_ratio"]
 
 
 def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dict:
     cohort, crops_dir = prepare(root, seed, patients)
     t0 = time.perf_counter()
-    run = run_cv(crops_dir, root / f"cv-seed{seed}-{config.epochs}ep-{variant_name(config)}", config)
+    run = run_cv(crops_dir, root / f"cv-{cohort_name(seed, patients)}-{config.epochs}ep-{variant_name(config)}",
+                 config)
     seconds = time.perf_counter() - t0
     oof = run.oof.reset_index(drop=True)
     crops = load_crops(crops_dir)
@@ -106,6 +173,8 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
         "total_volume": fold_mean_c(oof, measured["volume"]),
         "max_suvmax": fold_mean_c(oof, measured["suvmax"]),
         "measured_cox": fold_mean_c(oof, fold_cox(oof, features, MEASURED)),
+        "measured_cox_hu": fold_mean_c(oof, fold_cox(oof, features, [*MEASURED, "hu_mean"])),
+        "measured_lesion_sum": fold_mean_c(oof, fold_lesion_sum_cox(oof, lesions)),
         "with_true_necrosis": fold_mean_c(oof, fold_cox(oof, features, [*MEASURED, "necrosis"])),
         "oracle": fold_mean_c(oof, truth["linear_predictor"]),
         "necrosis_partial": float(recovery.loc["necrosis | volume, SUVmax", "spearman"]),
@@ -117,7 +186,7 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--patients", type=int, default=150)
+    parser.add_argument("--patients", type=int, default=DEFAULT_PATIENTS)
     parser.add_argument("--epochs", type=int, default=CVConfig().epochs)
     parser.add_argument("--aux-targets", default=CVConfig().aux_targets,
                         help="the imaging model's auxiliary lesion targets (psma-pfs cv --aux-targets)")
@@ -131,18 +200,22 @@ def main() -> None:
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)
     cols = ["seed", "imaging_resnet18", "noise_mean", "noise_p95", "total_volume", "max_suvmax", "measured_cox",
-            "with_true_necrosis", "oracle", "necrosis_partial", "train_seconds"]
+            "measured_cox_hu", "measured_lesion_sum", "with_true_necrosis", "oracle", "necrosis_partial", "train_seconds"]
     print(f"count-free imaging-only cohorts ({args.patients} patients x 4 lesions, 48 mm / 2 mm crops, "
           f"{args.epochs} epochs, CPU; {variant_name(config)}); patient-level fold-mean C-index")
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"mean over seeds: imaging {table['imaging_resnet18'].mean():.3f}, oracle {table['oracle'].mean():.3f}, "
           f"noise {table['noise_mean'].mean():.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    record = {"rows": rows, "config": config.run_defining(), "provenance": provenance(bench="count_free")}
     default = variant_name(config) == variant_name(CVConfig())
-    name = "count_free.json" if default else f"count_free-{variant_name(config)}.json"
-    (args.out / name).write_text(json.dumps(record, indent=2, default=float))
-    print(f"written {args.out / name}")
+    size = "" if args.patients == DEFAULT_PATIENTS else f"-n{args.patients}"
+    path = args.out / (f"count_free{size}.json" if default else f"count_free-{variant_name(config)}{size}.json")
+    # Seeds run earlier with this variant are kept: one record per variant, one row per seed.
+    earlier = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rows = sorted([r for r in earlier if r["seed"] not in args.seeds] + rows, key=lambda r: r["seed"])
+    record = {"rows": rows, "config": config.run_defining(), "provenance": provenance(bench="count_free")}
+    write_json(path, record)
+    print(f"written {path} (seeds {', '.join(str(r['seed']) for r in rows)})")
     assert np.isfinite(table["imaging_resnet18"]).all()
 
 
