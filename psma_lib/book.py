@@ -222,7 +222,7 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
 
     ``model`` None: the modality's default (``resnet`` for images, ``mlp`` for clinical);
     ``backbone`` None: the settings' main backbone (ResNet runs only); ``covariates``: what a
-    ``coxph`` baseline is fitted on (clinical, count, biomarkers, clinical+biomarkers);
+    ``coxph`` baseline is fitted on (clinical, count, biomarkers, clinical+biomarkers, biomarkers+ct);
     ``repeat`` r > 0: the same run on the folds of seed ``s.seed + r``.
     """
     from .cv import CVConfig
@@ -253,12 +253,13 @@ def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str |
 # The book's runs as :func:`cv` keywords: the chapters ask for these, ``psma-pfs grid`` trains them.
 CLINICAL_RUNS = (dict(modality="clinical", model="coxph"), dict(modality="clinical", model="mlp"))
 BASELINE_RUNS = tuple(dict(modality="clinical", model="coxph", covariates=c)
-                      for c in ("count", "biomarkers", "clinical+biomarkers"))
+                      for c in ("count", "biomarkers", "clinical+biomarkers", "biomarkers+ct"))
 
 
 def baseline_runs(s: BookSettings) -> list[CVResult]:
     """The Cox baselines on the networks' folds: lesion count, PSMA PET biomarkers, clinical +
-    biomarkers (the clinical Cox model is among :func:`clinical_runs`)."""
+    biomarkers, biomarkers + the lesions' mean CT density (the clinical Cox model is among
+    :func:`clinical_runs`)."""
     return [cv(s, **run) for run in BASELINE_RUNS]
 
 

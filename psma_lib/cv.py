@@ -20,8 +20,10 @@ files of one sequential :func:`run_cv`.
 ``clinical`` (the median-imputed, standardised clinical columns without the missing indicators),
 ``count`` (log lesion count alone), ``biomarkers`` (the conventional PSMA PET biomarkers of
 :func:`psma_lib.biomarkers.biomarker_features`: log count, log PSMA-TV, log SUVmax, SUVmean,
-bone fraction) or ``clinical+biomarkers``; biomarkers are standardised with the training fold's
-mean and sd.
+bone fraction), ``clinical+biomarkers``, or ``biomarkers+ct`` (the biomarkers and the patient's
+mean lesion CT density, ``hu_mean`` of the crop stage, in 100 HU: the strongest baseline here that
+reads nothing of the images beyond the masks' measurements; a patient without a measured density
+gets the training fold's mean); biomarkers are standardised with the training fold's mean and sd.
 
 Each run's summary (fold range, mean +- sd and the pooled out-of-fold C-index with its bootstrap
 CI) is computed once, by :func:`psma_lib.evaluation.summarize_cv`, and stored in
@@ -79,7 +81,7 @@ from .vocabulary import (
 )
 
 COXPH_PENALIZER = 0.01
-COXPH_COVARIATES = ("clinical", "count", "biomarkers", "clinical+biomarkers")
+COXPH_COVARIATES = ("clinical", "count", "biomarkers", "clinical+biomarkers", "biomarkers+ct")
 FOLD_RESULT_COLUMNS = ("fold", "n_train_patients", "n_val_patients", "n_test_patients", "n_test_events",
                        "c_index", "c_index_lesion", "best_epoch", "seed", "notes")
 
@@ -117,7 +119,7 @@ class CVConfig:
     aux_weight: float = TrainConfig.aux_weight
     aux_targets: str = DEFAULT_AUX_TARGETS  # comma-separated names of vocabulary.AUX_TARGETS
     selection: str = TrainConfig.selection
-    covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers
+    covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers | biomarkers+ct
     view: str = DEFAULT_VIEW
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
@@ -414,9 +416,20 @@ def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
         table = biomarker_features(patient_biomarkers(lesions, patients["patient_id"])).set_index("patient_id")
         if covariates == "count":
             table = table[["log_lesion_count"]]
+        if covariates == "biomarkers+ct":
+            table = table.assign(ct_density=_ct_density(lesions, table.index))
+            table["ct_density"] = table["ct_density"].fillna(table.loc[train_ids, "ct_density"].mean())
         mean, sd = table.loc[train_ids].mean(), table.loc[train_ids].std(ddof=0).replace(0.0, 1.0)
         parts.append(lambda ids: ((table.loc[ids] - mean) / sd).to_numpy(float))
     return lambda ids: np.column_stack([part(ids) for part in parts])
+
+
+def _ct_density(lesions: pd.DataFrame, ids: pd.Index) -> pd.Series:
+    """Each patient's mean lesion CT density in 100 HU (NaN for a patient without lesions)."""
+    if "hu_mean" not in lesions or lesions["hu_mean"].isna().all():
+        raise InputError("covariates 'biomarkers+ct' need the lesions' CT density (hu_mean), which "
+                         "these crops lack: crop again with this psma_lib")
+    return (lesions.groupby("patient_id")["hu_mean"].mean() / 100).reindex(ids)
 
 
 def _fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:

@@ -73,6 +73,7 @@ def write_tiny_crops(root: Path, *, n_patients: int = 24, size: int = 16, seed: 
     patients.loc[rng.choice(n_patients, 3, replace=False), "bmi"] = np.nan
     rows = []
     measured = np.random.default_rng(seed + 1)  # own stream: the crops stay what they were
+    density = np.random.default_rng(seed + 2)  # and the measured quantities above stay too
     for pid in pids:
         for j in range(int(rng.integers(1, 4))):
             suvmax = float(np.exp(measured.normal(2.8, 0.6)))
@@ -80,7 +81,8 @@ def write_tiny_crops(root: Path, *, n_patients: int = 24, size: int = 16, seed: 
                          "site": ("bone", "lymph_node")[int(measured.integers(0, 2))],
                          "center_x_mm": 0.0, "center_y_mm": 0.0, "center_z_mm": 0.0,
                          "volume_ml": round(float(np.exp(measured.normal(0.5, 0.8))), 4),
-                         "suvmax": round(suvmax, 4), "suvmean": round(suvmax * 0.55, 4), "edge": 0})
+                         "suvmax": round(suvmax, 4), "suvmean": round(suvmax * 0.55, 4),
+                         "hu_mean": round(float(density.normal(300, 250)), 2), "edge": 0})
     lesions = pd.DataFrame(rows)
     n = len(lesions)
     crops = np.empty((n, 2, size, size, size), dtype=np.float32)

@@ -220,6 +220,13 @@ def test_count_baseline_ranks_by_lesion_count_and_biomarkers_scale_on_training_f
     assert np.allclose(x[:16, 10:].mean(axis=0), 0) and np.allclose(x[:16, 10:].std(axis=0), 1)
     moved = lesions.assign(volume_ml=np.where(lesions["patient_id"].isin(ids[16:]), 1e3, lesions["volume_ml"]))
     assert np.array_equal(coxph_design("biomarkers", patients, moved, ids[:16])(ids[:16]), x[:16, 10:])
+    # + CT density: one more column, the patient's mean lesion hu_mean, scaled on the training fold
+    with_ct = coxph_design("biomarkers+ct", patients, lesions, ids[:16])(ids)
+    assert np.array_equal(with_ct[:, :5], x[:, 10:])
+    density = lesions.groupby("patient_id")["hu_mean"].mean().loc[ids].to_numpy()
+    assert np.allclose(with_ct[:, 5], (density - density[:16].mean()) / density[:16].std())
+    with pytest.raises(InputError, match="hu_mean"):
+        coxph_design("biomarkers+ct", patients, lesions.drop(columns="hu_mean"), ids[:16])
     with pytest.raises(InputError, match="coxph baselines only"):
         CVConfig(modality="imaging", covariates="count").validate()
 
