@@ -186,12 +186,11 @@ def measure_lesion(
     return _measure_voxels(voxels, mask_affine, pet, pet_affine, ct, ct_affine)
 
 
-def _read_native(image: np.ndarray, affine: np.ndarray, world: np.ndarray) -> np.ndarray:
-    """Values of the voxels of ``image`` that contain the world points ``[m, 3]`` (points outside
-    the image are left out)."""
+def _containing_voxels(shape: tuple[int, ...], affine: np.ndarray, world: np.ndarray) -> np.ndarray:
+    """``[m', 3]`` indices of the voxels of an image (``shape``, ``affine``) that contain the world
+    points ``[m, 3]``; points outside the image are left out."""
     index = np.rint(world_to_voxel(affine, world)).astype(np.int64)
-    index = index[np.all((index >= 0) & (index < np.array(image.shape)), axis=1)]
-    return image[index[:, 0], index[:, 1], index[:, 2]]
+    return index[np.all((index >= 0) & (index < np.array(shape)), axis=1)]
 
 
 def _measure_voxels(
@@ -200,13 +199,11 @@ def _measure_voxels(
 ) -> LesionMeasurement:
     """:func:`measure_lesion` for the label's voxel indices ``[m, 3]``."""
     world = voxel_to_world(mask_affine, voxels)
-    pet_voxels = np.rint(world_to_voxel(pet_affine, world)).astype(np.int64)
-    in_pet = np.all((pet_voxels >= 0) & (pet_voxels < np.array(pet.shape)), axis=1)
-    if not in_pet.any():
+    pet_voxels = _containing_voxels(pet.shape, pet_affine, world)
+    if not len(pet_voxels):
         raise ValueError("the lesion's mask voxels all lie outside the PET field of view")
-    pet_voxels = pet_voxels[in_pet]
-    uptake = pet[pet_voxels[:, 0], pet_voxels[:, 1], pet_voxels[:, 2]]
-    density = _read_native(ct, ct_affine, world) if ct is not None else np.empty(0)
+    uptake = pet[tuple(pet_voxels.T)]
+    density = ct[tuple(_containing_voxels(ct.shape, ct_affine, world).T)] if ct is not None else np.empty(0)
     hottest = int(np.argmax(uptake))  # first maximum in mask voxel order: deterministic
     voxel_ml = abs(float(np.linalg.det(np.asarray(mask_affine, dtype=np.float64)[:3, :3]))) / 1000.0
     return LesionMeasurement(
