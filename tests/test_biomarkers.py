@@ -235,6 +235,8 @@ def test_crop_measures_volume_suvmax_suvmean(cohort, crop_lesions):
         # The two-level ball: SUVmean strictly between shell and core, SUVmax = core.
         row = lesion_row(crop_lesions, pid, "C")
         assert SHELL_SUV < row["suvmean"] < uptake(pid)["C"] == pytest.approx(row["suvmax"])
+    # The CT is 40 HU everywhere: each lesion's mean density reads it (not left unknown).
+    assert crop_lesions["hu_mean"].eq(40.0).all()
 
 
 def test_measure_lesion_with_a_mask_on_a_finer_grid():
