@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 from lifelines import CoxPHFitter
 
-from psma_lib.biomarkers import patient_biomarkers
+from psma_lib.biomarkers import mean_ct_density, patient_biomarkers
 from psma_lib.cox import neg_partial_log_likelihood
 from psma_lib.crop import crop_cohort, load_crops
 from psma_lib.cv import CVConfig, lesion_target_values, run_cv
@@ -83,7 +83,7 @@ def patient_features(lesions: pd.DataFrame, lesion_truth: pd.DataFrame) -> pd.Da
     g = les.groupby("patient_id")
     return pd.DataFrame({"log_volume": np.log(markers["psma_tv_ml"]), "log_suvmax": np.log(markers["suvmax"]),
                          "bone": markers["bone_fraction"], "log_ratio": g["log_ratio"].mean(),
-                         "hu_mean": g["hu_mean"].mean() / 100,
+                         "hu_mean": mean_ct_density(lesions, markers.index) / 100,
                          "necrosis": g["weighted_necrosis"].sum() / g["volume_ml"].sum()})
 
 

@@ -140,6 +140,25 @@ def lesion_biomarkers(lesions: pd.DataFrame) -> pd.DataFrame:
     return out[list(LESION_BIOMARKER_COLUMNS)]
 
 
+def mean_ct_density(lesions: pd.DataFrame, patient_ids: Iterable[str]) -> pd.Series:
+    """Each patient's mean lesion CT density (HU): the mean of the crop stage's ``hu_mean`` over the
+    patient's lesions (sclerotic bone lesions are dense, lytic ones are not). Not a conventional
+    PSMA PET biomarker; the ``biomarkers+ct`` Cox baseline of :mod:`psma_lib.cv` adds it.
+
+    Returns a float Series indexed by ``patient_ids`` (NaN for a patient without a measured lesion).
+
+    Raises:
+        InputError: no lesion has a measured ``hu_mean`` (crops written before it was measured).
+
+    >>> lesions = pd.DataFrame({"patient_id": ["P1", "P1", "P2"], "hu_mean": [900.0, 300.0, 40.0]})
+    >>> mean_ct_density(lesions, ["P2", "P1", "P3"]).to_dict()
+    {'P2': 40.0, 'P1': 600.0, 'P3': nan}
+    """
+    if "hu_mean" not in lesions or lesions["hu_mean"].isna().all():
+        raise InputError("no lesion has a measured CT density (hu_mean): crop again with this psma_lib")
+    return lesions.groupby("patient_id")["hu_mean"].mean().reindex(list(patient_ids))
+
+
 def patient_biomarkers(
     lesions: pd.DataFrame, patients: pd.DataFrame | Iterable[str] | None = None
 ) -> pd.DataFrame:

@@ -21,7 +21,7 @@ files of one sequential :func:`run_cv`.
 ``count`` (log lesion count alone), ``biomarkers`` (the conventional PSMA PET biomarkers of
 :func:`psma_lib.biomarkers.biomarker_features`: log count, log PSMA-TV, log SUVmax, SUVmean,
 bone fraction), ``clinical+biomarkers``, or ``biomarkers+ct`` (the biomarkers and the patient's
-mean lesion CT density, ``hu_mean`` of the crop stage, in 100 HU: the strongest baseline here that
+mean lesion CT density, :func:`psma_lib.biomarkers.mean_ct_density`: the strongest baseline here that
 reads nothing of the images beyond the masks' measurements; a patient without a measured density
 gets the training fold's mean); biomarkers are standardised with the training fold's mean and sd.
 
@@ -405,7 +405,7 @@ def _coxph_features(pre: ClinicalPreprocessor, frame: pd.DataFrame) -> np.ndarra
 def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
                  train_ids: list[str]) -> Callable[[list[str]], np.ndarray]:
     """``ids -> [n, k]`` design matrix of a Cox baseline, every scaling fitted on ``train_ids``."""
-    from .biomarkers import biomarker_features, patient_biomarkers
+    from .biomarkers import biomarker_features, mean_ct_density, patient_biomarkers
 
     by_id = patients.set_index("patient_id")
     parts = []
@@ -417,19 +417,11 @@ def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
         if covariates == "count":
             table = table[["log_lesion_count"]]
         if covariates == "biomarkers+ct":
-            table = table.assign(ct_density=_ct_density(lesions, table.index))
+            table = table.assign(ct_density=mean_ct_density(lesions, table.index))
             table["ct_density"] = table["ct_density"].fillna(table.loc[train_ids, "ct_density"].mean())
         mean, sd = table.loc[train_ids].mean(), table.loc[train_ids].std(ddof=0).replace(0.0, 1.0)
         parts.append(lambda ids: ((table.loc[ids] - mean) / sd).to_numpy(float))
     return lambda ids: np.column_stack([part(ids) for part in parts])
-
-
-def _ct_density(lesions: pd.DataFrame, ids: pd.Index) -> pd.Series:
-    """Each patient's mean lesion CT density in 100 HU (NaN for a patient without lesions)."""
-    if "hu_mean" not in lesions or lesions["hu_mean"].isna().all():
-        raise InputError("covariates 'biomarkers+ct' need the lesions' CT density (hu_mean), which "
-                         "these crops lack: crop again with this psma_lib")
-    return (lesions.groupby("patient_id")["hu_mean"].mean() / 100).reindex(ids)
 
 
 def _fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
