@@ -13,7 +13,8 @@ this prints, on the same patient-grouped folds (fold mean of the patient-level C
   training fold) on the log total volume, log maximum SUVmax, bone fraction and mean
   log(SUVmean / SUVmax) of a patient's lesions; the same with the mean CT density (HU) of the
   lesions' masks added (the strongest reading of the tables: sclerotic bone lesions are dense,
-  lytic ones are not); a lesion-level model linear in the same five measured quantities of each
+  lytic ones are not), with the paired bootstrap CI of the network's difference to it (fold
+  mean, patients resampled within folds); a lesion-level model linear in the same five measured quantities of each
   lesion, its hazards summed per patient as the network's are (what a network that read exactly
   these quantities and nothing else could reach); and the first model with the true
   volume-weighted necrosis added (a diagnostic, not a method: it shows how much an image model must read of the
@@ -49,6 +50,7 @@ from psma_lib.cox import neg_partial_log_likelihood
 from psma_lib.crop import crop_cohort, load_crops
 from psma_lib.cv import CVConfig, lesion_target_values, run_cv
 from psma_lib.io import write_json
+from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import segment_aggregate
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
@@ -165,6 +167,9 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
     oof_lesions = pd.read_csv(run.out_dir / "oof_lesion_predictions.csv", dtype={"patient_id": str, "lesion_id": str})
     lesion_truth = pd.read_csv(cohort / "truth" / "lesion_truth.csv", dtype={"patient_id": str, "lesion_id": str})
     features = patient_features(lesions, lesion_truth)
+    measured_hu = fold_cox(oof, features, [*MEASURED, "hu_mean"])
+    delta = paired_bootstrap_delta_c(oof["pfs_months"], oof["event"], oof["risk"], measured_hu, folds=oof["fold"],
+                                     seed=seed)
     recovery = truth_recovery(lesion_truth_table(oof_lesions, lesion_truth), n_boot=300, seed=seed)
     return {
         "seed": seed, "patients": len(oof), "train_seconds": round(seconds, 1),
@@ -173,7 +178,8 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
         "total_volume": fold_mean_c(oof, measured["volume"]),
         "max_suvmax": fold_mean_c(oof, measured["suvmax"]),
         "measured_cox": fold_mean_c(oof, fold_cox(oof, features, MEASURED)),
-        "measured_cox_hu": fold_mean_c(oof, fold_cox(oof, features, [*MEASURED, "hu_mean"])),
+        "measured_cox_hu": fold_mean_c(oof, measured_hu),
+        "delta_vs_measured_cox_hu": [delta.delta, delta.lo, delta.hi],
         "measured_lesion_sum": fold_mean_c(oof, fold_lesion_sum_cox(oof, lesions)),
         "with_true_necrosis": fold_mean_c(oof, fold_cox(oof, features, [*MEASURED, "necrosis"])),
         "oracle": fold_mean_c(oof, truth["linear_predictor"]),
