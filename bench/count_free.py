@@ -48,7 +48,7 @@ from lifelines import CoxPHFitter
 from psma_lib.biomarkers import mean_ct_density, patient_biomarkers
 from psma_lib.cox import neg_partial_log_likelihood
 from psma_lib.crop import crop_cohort, load_crops
-from psma_lib.cv import CVConfig, lesion_target_values, run_cv
+from psma_lib.cv import CVConfig, input_channels, lesion_target_values, run_cv
 from psma_lib.io import write_json
 from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import segment_aggregate
@@ -67,8 +67,8 @@ def prepare(root: Path, seed: int, patients: int) -> tuple[Path, Path]:
     if not (cohort / "manifest.yaml").is_file():
         generate_cohort(cohort, n_patients=patients, seed=seed, signal="imaging",
                         spec=count_free(Spec(), 4), progress=False)
-    if (crops / "crops.json").is_file() and "hu_mean" not in pd.read_csv(crops / "lesions.csv", nrows=1):
-        shutil.rmtree(crops)  # cropped before the CT density was measured: crop again
+    if (crops / "crops.json").is_file() and json.loads((crops / "crops.json").read_text())["version"] < 3:
+        shutil.rmtree(crops)  # cropped before the CT density and the mask channel: crop again
     if not (crops / "crops.json").is_file():
         crop_cohort(cohort / "manifest.yaml", crops, size_mm=48, spacing_mm=2, progress=False)
     return cohort, crops
@@ -144,8 +144,10 @@ def fold_lesion_sum_cox(oof: pd.DataFrame, lesions: pd.DataFrame, ridge: float =
 
 
 def variant_name(config: CVConfig) -> str:
-    """The run folder's suffix: the view and the auxiliary targets (the variants compared here)."""
-    return f"{config.view}-aux-{config.aux_targets.replace(',', '-')}"
+    """The run folder's suffix: the view, the auxiliary targets and any input channel beyond PET
+    and CT (the variants compared here)."""
+    extra = [c for c in input_channels(config.channels) if c not in ("pet", "ct")]
+    return "-".join([config.view, "aux", *config.aux_targets.split(","), *extra])
 
 
 DEFAULT_PATIENTS = 150
@@ -197,11 +199,13 @@ def main() -> None:
     parser.add_argument("--aux-targets", default=CVConfig().aux_targets,
                         help="the imaging model's auxiliary lesion targets (psma-pfs cv --aux-targets)")
     parser.add_argument("--view", default=CVConfig().view, help="axial or orthogonal (psma-pfs cv --view)")
+    parser.add_argument("--channels", default=CVConfig().channels,
+                        help="pet,ct or pet,ct,mask (psma-pfs cv --channels)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=Path("_build/bench/count_free"))
     args = parser.parse_args()
     config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, num_threads=args.threads,
-                      aux_targets=args.aux_targets, view=args.view,
+                      aux_targets=args.aux_targets, view=args.view, channels=args.channels,
                       progress=False)
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)

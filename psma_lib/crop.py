@@ -3,8 +3,11 @@
 For each lesion of a cohort manifest, a cube of fixed physical size (default 64 mm at 2 mm
 spacing = 32^3 voxels) is sampled around the lesion centre from the PET and from the CT, each
 through its own affine (trilinear), so PET and CT on different grids, flipped axes, anisotropic
-voxels and oblique affines need no special handling. Crops keep physical units (SUV, HU);
-normalisation belongs to the model. Outside a field of view the crop is padded with 0 SUV /
+voxels and oblique affines need no special handling. A third channel is the lesion's own mask:
+1 where the crop voxel's nearest mask voxel (through the mask's affine) carries this lesion's
+label, 0 elsewhere (background, other lesions, outside the mask, a lesion without a label), so
+a model can be told which voxels its measurements were read from. Crops keep physical units (SUV,
+HU); normalisation belongs to the model. Outside a field of view the crop is padded with 0 SUV /
 -1000 HU and the lesion's ``edge`` flag is set. A lesion centre outside the PET field of view,
 PET and CT that do not overlap in world space, or a ``mask_label`` absent from the mask is an
 :class:`~psma_lib.errors.InputError` naming the patient, the lesion and the file.
@@ -27,13 +30,14 @@ lytic ones are not), and ``volume_ml`` is the label's voxel count times the mask
 decimals, ``hu_mean`` to 0.01 HU. Conventional PSMA biomarkers (PSMA-TV, TL-PSMA, ...)
 are derived from these columns by :mod:`psma_lib.biomarkers`.
 
-Output (docs/ARCHITECTURE.md, "Crops directory", format version 2): ``lesions.csv`` (row i is
+Output (docs/ARCHITECTURE.md, "Crops directory", format version 3): ``lesions.csv`` (row i is
 row i of the manifest's lesions table, with the ``shard`` and ``row`` holding its crop),
 ``patients.csv`` (copy of the cohort's), ``crops.json`` and ``shards/NNNNN-of-NNNNN/`` with
-``crops-NNNNN.npy`` ``[n_k, 2, D, H, W]`` (channel 0 PET, channel 1 CT) and the three central
-planes ``planes-<view>-NNNNN.npy``, so 2D training never reads a volume. The crop grid
+``crops-NNNNN.npy`` ``[n_k, 3, D, H, W]`` (channel 0 PET, 1 CT, 2 lesion mask) and the three
+central planes ``planes-<view>-NNNNN.npy``, so 2D training never reads a volume. The crop grid
 orientation is :data:`psma_lib.geometry.CROP_ORIENTATION`. :func:`load_crops` also reads version
-1 directories (one ``crops.npy``).
+2 directories (the same without the mask channel) and version 1 ones (one ``crops.npy``, PET and
+CT).
 
 Storage is float32 (exact) or float16 (``dtype="float16"``, half the bytes); float16's error is
 measured on every crop as it is written and kept in ``crops.json`` (``storage_error``: largest
@@ -52,7 +56,7 @@ is identical for any number of workers or shards (apart from the shard/row colum
 ...                         spacing_mm=4, workers=1, progress=False)
 >>> crop_set = load_crops(crops_dir)
 >>> crop_set.images.shape[1:], crop_set.planes("axial").shape[1:], crop_set.meta["n_shards"]
-((2, 8, 8, 8), (2, 8, 8), 1)
+((3, 8, 8, 8), (3, 8, 8), 1)
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,11 +101,17 @@ View = Literal["axial", "coronal", "sagittal"]
 
 PET_PAD_SUV = 0.0
 CT_PAD_HU = -1000.0
+MASK_PAD = 0.0
 LESIONS_FILE = "lesions.csv"
 PATIENTS_FILE = "patients.csv"
 META_FILE = "crops.json"
 CROPS_FORMAT = "psma-pfs-crops"
-CROPS_VERSION = 2  # 1: one float32 crops.npy (still read); 2: shards with planes, float32/float16
+# 1: one float32 crops.npy; 2: shards with planes, float32/float16 (both still read, PET and CT);
+# 3: as 2 with the lesion-mask channel.
+CROPS_VERSION = 3
+#: What each channel of a crop holds, by format version (versions 1 and 2 have no mask channel).
+CROP_CHANNELS = ("PET (SUV)", "CT (HU)", "lesion mask (1 = this lesion's label)")
+CHANNELS_BY_VERSION = {1: 2, 2: 2, 3: len(CROP_CHANNELS)}
 LEGACY_CROPS_FILE = "crops.npy"  # version 1's array
 SHARDS_DIR = "shards"
 SHARD_FORMAT = "psma-pfs-crop-shard"
@@ -224,32 +235,47 @@ def crop_volumes(
     centers_mm: np.ndarray,
     size_mm: float = 64.0,
     spacing_mm: float = 2.0,
+    *,
+    mask: np.ndarray | None = None,
+    mask_affine: np.ndarray | None = None,
+    labels: Sequence[int | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Crop PET and CT around world centres, each through its own affine (trilinear).
+    """Crop PET and CT around world centres, each through its own affine (trilinear), and each
+    lesion's own mask label (nearest voxel).
 
     Args:
         pet: ``(I, J, K)`` SUV with ``pet_affine``; ct: ``(I', J', K')`` HU with ``ct_affine``.
         centers_mm: ``[n, 3]`` crop centres (x, y, z) in RAS+ mm.
         size_mm, spacing_mm: crop edge length and voxel spacing in mm.
+        mask, mask_affine: the ``(I'', J'', K'')`` integer label map and its affine (None: no mask).
+        labels: ``[n]`` each crop's lesion label in ``mask`` (None for a lesion without one).
 
     Returns:
-        ``(crops, edge)``: float32 ``[n, 2, D, H, W]`` (channel 0 PET, 1 CT; orientation
-        :data:`~psma_lib.geometry.CROP_ORIENTATION`) and bool ``[n]``, True where the crop
-        reached outside the PET or CT field of view and was padded with 0 SUV / -1000 HU.
+        ``(crops, edge)``: float32 ``[n, 3, D, H, W]`` (channel 0 PET, 1 CT, 2 this lesion's
+        mask, 1 inside and 0 elsewhere; orientation :data:`~psma_lib.geometry.CROP_ORIENTATION`)
+        and bool ``[n]``, True where the crop reached outside the PET or CT field of view and was
+        padded with 0 SUV / -1000 HU.
 
     >>> pet = np.ones((10, 10, 10), np.float32); ct = np.zeros((10, 10, 10), np.float32)
-    >>> crops, edge = crop_volumes(pet, np.eye(4), ct, np.eye(4), np.array([[4.5, 4.5, 4.5]]), 4, 1)
-    >>> crops.shape, edge.tolist(), float(crops[0, 0].min())
-    ((1, 2, 4, 4, 4), [False], 1.0)
+    >>> mask = np.zeros((10, 10, 10), np.int16); mask[4:6, 4:6, 4:6] = 3
+    >>> crops, edge = crop_volumes(pet, np.eye(4), ct, np.eye(4), np.array([[4.5, 4.5, 4.5]]), 4, 1,
+    ...                            mask=mask, mask_affine=np.eye(4), labels=[3])
+    >>> crops.shape, edge.tolist(), float(crops[0, 0].min()), int(crops[0, 2].sum())
+    ((1, 3, 4, 4, 4), [False], 1.0, 8)
     """
     centers_mm = np.asarray(centers_mm, dtype=np.float64).reshape(-1, 3)
+    labels = [None] * len(centers_mm) if labels is None else list(labels)
+    if len(labels) != len(centers_mm) or (mask is None and any(label is not None for label in labels)):
+        raise ValueError("labels needs one entry per centre, and a mask for any label given")
     shape = crop_shape(size_mm, spacing_mm)
-    crops = np.empty((len(centers_mm), 2, *shape), dtype=np.float32)
+    crops = np.empty((len(centers_mm), len(CROP_CHANNELS), *shape), dtype=np.float32)
     edge = np.zeros(len(centers_mm), dtype=bool)
-    for index, centre in enumerate(centers_mm):
+    for index, (centre, label) in enumerate(zip(centers_mm, labels, strict=True)):
         grid = crop_grid_mm(centre, size_mm, spacing_mm)
         crops[index, 0] = sample_world(pet, pet_affine, grid, order=1, cval=PET_PAD_SUV)
         crops[index, 1] = sample_world(ct, ct_affine, grid, order=1, cval=CT_PAD_HU)
+        crops[index, 2] = MASK_PAD if label is None else \
+            sample_world(mask, mask_affine, grid, order=0, cval=0) == label
         edge[index] = not (
             inside_field_of_view(pet.shape, pet_affine, grid).all()
             and inside_field_of_view(ct.shape, ct_affine, grid).all()
@@ -277,7 +303,7 @@ class _PatientTask:
 
 @dataclass
 class _PatientResult:
-    crops: np.ndarray | None = None  # [k, 2, D, H, W] in the storage dtype
+    crops: np.ndarray | None = None  # [k, 3, D, H, W] in the storage dtype
     stats: list[dict] = field(default_factory=list)  # centre, volume_ml, suvmax, suvmean, edge
     storage_error: dict | None = None  # float16 storage: measure_storage_error of these crops
     error: tuple[str, str | None, str | None] | None = None  # InputError (problem, patient, file)
@@ -325,7 +351,7 @@ def _crop_patient(task: _PatientTask) -> _PatientResult:
             f"{_box_text(ct_box)} mm): wrong affine or not the same study?",
             patient=pid, file=task.files["ct"][1])
 
-    label_voxels = {}
+    label_voxels, mask, mask_affine = {}, None, None
     if "mask" in volumes:
         mask, mask_affine = volumes["mask"]
         voxels = np.argwhere(mask > 0)
@@ -370,7 +396,8 @@ def _crop_patient(task: _PatientTask) -> _PatientResult:
         })
 
     crops, edge = crop_volumes(pet, pet_affine, ct, ct_affine, np.array(centres),
-                               task.size_mm, task.spacing_mm)
+                               task.size_mm, task.spacing_mm, mask=mask, mask_affine=mask_affine,
+                               labels=[label for _, label, _ in task.lesions])
     for lesion_stats, flag in zip(stats, edge, strict=True):
         lesion_stats["edge"] = int(flag)
     stored, storage_error = _to_storage(crops, task.dtype, pid, pet_file)
@@ -451,7 +478,7 @@ def _central_plane(crops, view: str):
 
 
 def _plane_shape(item_shape: tuple[int, ...], view: str) -> tuple[int, ...]:
-    """One lesion's plane shape for a crop of ``item_shape`` = ``(2, D, H, W)``."""
+    """One lesion's plane shape for a crop of ``item_shape`` = ``(C, D, H, W)``."""
     channels, n_d, n_h, n_w = item_shape
     return {"axial": (channels, n_h, n_w), "coronal": (channels, n_d, n_w),
             "sagittal": (channels, n_d, n_h)}[view]
@@ -497,7 +524,7 @@ class _Settings:
 
     @property
     def item_shape(self) -> tuple[int, ...]:
-        return (2, *crop_shape(self.size_mm, self.spacing_mm))
+        return (len(CROP_CHANNELS), *crop_shape(self.size_mm, self.spacing_mm))
 
 
 def _settings(size_mm: float, spacing_mm: float, center: str, dtype: str) -> _Settings:
@@ -810,9 +837,10 @@ def _merge(cohort, checksum: str, manifest_path: Path, out_dir: Path, requested:
         "version": CROPS_VERSION,
         **settings.record(),
         "shape": [n_lesions, *settings.item_shape],
-        "channels": ["PET (SUV)", "CT (HU)"],
-        "pad_values": {"pet_suv": PET_PAD_SUV, "ct_hu": CT_PAD_HU},
-        "interpolation": "trilinear for PET and CT, each through its own affine",
+        "channels": list(CROP_CHANNELS),
+        "pad_values": {"pet_suv": PET_PAD_SUV, "ct_hu": CT_PAD_HU, "mask": MASK_PAD},
+        "interpolation": "trilinear for PET and CT, each through its own affine; nearest mask "
+                         "voxel for the lesion mask, through the mask's affine",
         "orientation": CROP_ORIENTATION,
         "row_order": "row i of lesions.csv is row i of the manifest's lesions.csv; its crop is "
                      "row `row` of shard `shard`",
@@ -995,7 +1023,8 @@ class CropSet:
     """A loaded crops directory.
 
     Attributes:
-        images: float32 ``[n, 2, D, H, W]``, read-only: channel 0 PET (SUV), channel 1 CT (HU),
+        images: float32 ``[n, C, D, H, W]``, read-only: channel 0 PET (SUV), channel 1 CT (HU),
+            channel 2 the lesion's mask (format version 3; ``C = 2`` for older directories),
             axes along world (+z, +y, +x). A :class:`~psma_lib.shards.ShardedArray` that reads
             only the rows indexed (stored float32 or float16, returned float32); for a crops
             directory of format version 1, the memory-mapped ``crops.npy``.
@@ -1020,16 +1049,21 @@ class CropSet:
         return int(self.images.shape[0])
 
     @property
+    def has_mask_channel(self) -> bool:
+        """True where the crops carry the lesion-mask channel (format version 3)."""
+        return int(self.images.shape[1]) > 2
+
+    @property
     def synthetic(self) -> bool:
         """The cohort's own flag, copied into ``crops.json``: True for a generated cohort."""
         return bool(self.meta.get("synthetic", False))
 
     def planes(self, view: View = "axial") -> np.ndarray:
-        """2-D planes through each crop's centre voxel, float32 ``[n, 2, H', W']``.
+        """2-D planes through each crop's centre voxel, float32 ``[n, C, H', W']``.
 
-        ``"axial"``: ``images[:, :, D//2]`` -> ``[n, 2, H, W]`` (rows +y, columns +x);
-        ``"coronal"``: ``images[:, :, :, H//2]`` -> ``[n, 2, D, W]`` (rows +z, columns +x);
-        ``"sagittal"``: ``images[:, :, :, :, W//2]`` -> ``[n, 2, D, H]`` (rows +z, columns +y).
+        ``"axial"``: ``images[:, :, D//2]`` -> ``[n, C, H, W]`` (rows +y, columns +x);
+        ``"coronal"``: ``images[:, :, :, H//2]`` -> ``[n, C, D, W]`` (rows +z, columns +x);
+        ``"sagittal"``: ``images[:, :, :, :, W//2]`` -> ``[n, C, D, H]`` (rows +z, columns +y).
         Read from the plane files written at crop time when there are some (no volume is
         read), else sliced from the volumes.
         """
@@ -1042,7 +1076,7 @@ class CropSet:
 
 def load_crops(crops_dir: str | os.PathLike) -> CropSet:
     """Open a crops directory written by :func:`crop_cohort` or :func:`merge_shards` (format
-    version 2), or a version 1 one (a single ``crops.npy``). Reads the tables, ``crops.json``
+    version 3, or 2 without the mask channel), or a version 1 one (a single ``crops.npy``). Reads the tables, ``crops.json``
     and the arrays' headers, never the arrays' data.
 
     Raises:
@@ -1063,9 +1097,10 @@ def load_crops(crops_dir: str | os.PathLike) -> CropSet:
                              file=str(crops_dir / name))
     meta = _read_json(crops_dir / META_FILE, "crops directory")
     version = meta.get("version", 1)
-    if version not in (1, CROPS_VERSION):
+    if version not in CHANNELS_BY_VERSION:
         raise InputError(f"crops directory format version {version!r}: this psma_lib reads "
-                         f"versions 1 and {CROPS_VERSION}", file=str(crops_dir / META_FILE))
+                         f"versions {', '.join(map(str, CHANNELS_BY_VERSION))}",
+                         file=str(crops_dir / META_FILE))
     tables = {}
     for name in (LESIONS_FILE, PATIENTS_FILE):
         try:
@@ -1117,7 +1152,7 @@ def _open_version_1(crops_dir: Path, meta: dict, lesions: pd.DataFrame) -> np.nd
 
 def _open_shards(crops_dir: Path, meta: dict, lesions: pd.DataFrame
                  ) -> tuple[ShardedArray, dict[str, ShardedArray]]:
-    """The volumes and planes of a version 2 directory as lazy arrays (headers checked only)."""
+    """The volumes and planes of a version 2 or 3 directory as lazy arrays (headers checked only)."""
     meta_file = str(crops_dir / META_FILE)
     try:
         shape = [int(n) for n in meta["shape"]]
@@ -1127,9 +1162,10 @@ def _open_shards(crops_dir: Path, meta: dict, lesions: pd.DataFrame
         raise InputError(f"crops.json lacks a valid shape, shards or dtype ({exc})",
                          file=meta_file) from exc
     item_shape = tuple(shape[1:])
-    if len(item_shape) != 4 or item_shape[0] != 2 or stored.name not in STORAGE_DTYPES:
-        raise InputError(f"expected [n, 2, D, H, W] in {', '.join(STORAGE_DTYPES)}, crops.json "
-                         f"says {stored} {shape}", file=meta_file)
+    channels = CHANNELS_BY_VERSION[meta["version"]]
+    if len(item_shape) != 4 or item_shape[0] != channels or stored.name not in STORAGE_DTYPES:
+        raise InputError(f"expected [n, {channels}, D, H, W] in {', '.join(STORAGE_DTYPES)} (format "
+                         f"version {meta['version']}), crops.json says {stored} {shape}", file=meta_file)
     lesions_file = str(crops_dir / LESIONS_FILE)
     if len(lesions) != shape[0]:
         raise InputError(f"{len(lesions)} rows in lesions.csv but crops.json shape {shape}",

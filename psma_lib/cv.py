@@ -73,7 +73,9 @@ from .vocabulary import (
     DEFAULT_AGGREGATION,
     DEFAULT_AUX_TARGETS,
     DEFAULT_BACKBONE,
+    DEFAULT_INPUT_CHANNELS,
     DEFAULT_VIEW,
+    INPUT_CHANNELS,
     MODALITIES,
     MODEL_KINDS,
     VIEWS,
@@ -121,6 +123,7 @@ class CVConfig:
     selection: str = TrainConfig.selection
     covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers | biomarkers+ct
     view: str = DEFAULT_VIEW
+    channels: str = DEFAULT_INPUT_CHANNELS  # comma-separated vocabulary.INPUT_CHANNELS, in that order
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
     weights: str | None = None
@@ -174,12 +177,19 @@ class CVConfig:
         aux_target_names(self.aux_targets)
         if self.view not in VIEWS:
             raise InputError(f"unknown view {self.view!r}; choose one of {VIEWS}")
+        input_channels(self.channels)
         if self.folds < 2 or self.epochs < 1 or self.batch_size < 2 or not 0 < self.val_fraction < 1:
             raise InputError("need folds >= 2, epochs >= 1, batch_size >= 2 and 0 < val_fraction < 1")
 
     def run_defining(self) -> dict:
-        """The fields that change results (resume refuses a different run in the same folder)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
+        """The fields that change results (resume refuses a different run in the same folder).
+
+        ``channels`` is left out at PET and CT, what every run made before it existed was
+        given, so those runs' records and cached folders stay the same run."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
+        if input_channels(self.channels) == ("pet", "ct"):
+            del fields["channels"]
+        return fields
 
 
 @dataclass
@@ -297,18 +307,44 @@ def _check_inputs(crops, modality: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return patients, lesions
 
 
-def image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str) -> torch.Tensor:
-    """Per-lesion model input as a float32 tensor: the volumes ``[L, 2, D, H, W]`` (3D backbones),
-    the axial plane ``[L, 2, H, W]`` or the three orthogonal planes ``[L, 3, 2, S, S]`` (2D, read
-    from the plane files a version 2 crops directory holds, no volume read). What a checkpoint
-    of a run with this ``backbone`` and ``view`` scores."""
+def input_channels(text: str) -> tuple[str, ...]:
+    """The image channels named in ``text``: ``pet,ct`` or ``pet,ct,mask``
+    (:data:`~psma_lib.vocabulary.INPUT_CHANNELS`; PET and CT are always given, in that order).
+
+    >>> input_channels("pet, ct, mask")
+    ('pet', 'ct', 'mask')
+    """
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if names not in (INPUT_CHANNELS[:2], INPUT_CHANNELS):
+        raise InputError(f"channels must be {','.join(INPUT_CHANNELS[:2])} or {','.join(INPUT_CHANNELS)}; "
+                         f"got {text!r}")
+    return names
+
+
+def image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str,
+                 channels: str = DEFAULT_INPUT_CHANNELS) -> torch.Tensor:
+    """Per-lesion model input as a float32 tensor with ``C = len(channels)`` channels: the volumes
+    ``[L, C, D, H, W]`` (3D backbones), the axial plane ``[L, C, H, W]`` or the three orthogonal
+    planes ``[L, 3, C, S, S]`` (2D, read from the plane files a version 2 or 3 crops directory
+    holds, no volume read). What a checkpoint of a run with this ``backbone``, ``view`` and
+    ``channels`` scores.
+
+    Raises:
+        InputError: the lesion mask asked of crops that have no mask channel (format version < 3),
+            or a crop with non-finite values (naming the patient and lesion).
+    """
     where = str(crops.root) if crops.root is not None else "crops"
+    n_channels = len(input_channels(channels))
+    if n_channels > 2 and not crops.has_mask_channel:
+        raise InputError("the lesion-mask channel was asked for (channels pet,ct,mask) but these crops have "
+                         "none (cropped before format version 3): crop again with psma-pfs crop", file=where)
     if backbone in BACKBONES_3D:
-        arr = np.asarray(crops.images, dtype=np.float32)
+        arr = np.asarray(crops.images[:, :n_channels], dtype=np.float32)
     elif view == "axial":
-        arr = np.asarray(crops.planes("axial"), dtype=np.float32)
+        arr = np.asarray(crops.planes("axial")[:, :n_channels], dtype=np.float32)
     else:
-        planes = [np.asarray(crops.planes(v), dtype=np.float32) for v in ("axial", "coronal", "sagittal")]
+        planes = [np.asarray(crops.planes(v)[:, :n_channels], dtype=np.float32)
+                  for v in ("axial", "coronal", "sagittal")]
         if len({p.shape for p in planes}) != 1:
             raise InputError("orthogonal view needs cubic crops (D = H = W)", file=where)
         arr = np.stack(planes, axis=1)
@@ -443,6 +479,7 @@ def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
     image_model = config.model == "resnet"
     return SurvivalModel(config.modality, config.backbone if image_model else "resnet18",
                          n_clinical=n_clinical, view=config.view,
+                         in_channels=len(input_channels(config.channels)),
                          attention=config.aggregation == "attention" and image_model,
                          n_aux=len(aux_target_names(config.aux_targets)) if config.aux_weight > 0 and image_model else 0)
 
@@ -594,9 +631,9 @@ def _prepare(crops_dir: Path, out_dir: Path, config: CVConfig) -> _RunInputs:
     check_folds(folds, lesions)
     images = None
     if config.modality != "clinical":
-        images = image_inputs(crops, lesions, config.backbone, config.view)
+        images = image_inputs(crops, lesions, config.backbone, config.view, config.channels)
         if config.weights:  # a bad weights file fails here, before anything is written
-            load_pretrained(SurvivalModel("imaging", config.backbone, view=config.view), config.weights)
+            load_pretrained(make_model(config, n_clinical=len(CLINICAL_COLUMNS)), config.weights)
     header = {"config": config.run_defining(), "data_checksum": checksum}
     record = {**header, "crops_dir": str(crops_dir), "crops_meta": dict(crops.meta),
               "device_resolved": str(device), "world_size": distributed.world_size(),
@@ -837,6 +874,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--covariates", choices=COXPH_COVARIATES, default=d.covariates,
                    help="what the coxph baseline is fitted on (default clinical)")
     p.add_argument("--view", choices=VIEWS, default=d.view)
+    p.add_argument("--channels", default=d.channels,
+                   help=f"image channels: pet,ct or pet,ct,mask (the lesion's own mask; crops of format "
+                        f"version 3) (default {d.channels})")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--weights", default=None, help="local pretrained backbone weights (.safetensors or .pt)")

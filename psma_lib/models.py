@@ -1,5 +1,5 @@
-"""Survival models: ResNet image encoders with a two-channel (PET, CT) stem, a clinical branch,
-and lesion-to-patient aggregation. Every model outputs a **log-hazard** (higher = shorter PFS).
+"""Survival models: ResNet image encoders with a (PET, CT) or (PET, CT, lesion mask) stem, a
+clinical branch, and lesion-to-patient aggregation. Every model outputs a **log-hazard** (higher = shorter PFS).
 
 Backbones (torchvision, built with ``weights=None``; nothing is downloaded):
 
@@ -15,7 +15,7 @@ Backbones (torchvision, built with ``weights=None``; nothing is downloaded):
 Intensity normalisation is fixed and data-independent (:func:`normalize_intensity`), so it cannot
 leak information between folds: PET ``log1p(clip(SUV, 0, 100)) / log1p(50)`` (about 0..1.2, keeps
 the ordering of very hot lesions); CT ``(clip(HU, -1000, 2000) + 1000) / 1500 - 1`` (-1 = air,
-about -0.3 = soft tissue, 1 = dense cortical bone).
+about -0.3 = soft tissue, 1 = dense cortical bone). A lesion-mask channel (0/1) is passed as it is.
 
 Modalities: ``clinical`` (clinical features -> MLP -> log-hazard), ``imaging`` (image embedding ->
 log-hazard; refuses clinical input), ``multimodal`` (image embedding concatenated with the
@@ -58,25 +58,28 @@ from .vocabulary import (
 # PSA is log-normal (ng/mL over 4 orders of magnitude): log1p before scaling.
 LOG_COLUMNS = ("psa",)
 
+#: The input convolution of the 2D ResNets and of r3d_18 (torchvision's key names).
+STEM_KEYS = ("conv1.weight", "stem.0.weight")
+
 PET_SUV_CLIP = 100.0
 PET_SUV_REF = 50.0
 CT_HU_WINDOW = (-1000.0, 2000.0)
 
 
-def normalize_intensity(x: torch.Tensor) -> torch.Tensor:
-    """Map physical units to ~[-1, 1.2]: channel 0 SUV, channel 1 HU (dim 1 or dim 2 for views).
+def normalize_intensity(x: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """Map physical units to ~[-1, 1.2]: channel 0 SUV, channel 1 HU, any further channel (the
+    lesion mask) unchanged. ``channel_dim`` is 1, or 2 for orthogonal views ``[B, 3, C, S, S]``.
 
     PET: ``log1p(clip(SUV, 0, 100)) / log1p(50)``; CT: ``(clip(HU, -1000, 2000) + 1000) / 1500 - 1``.
 
-    >>> normalize_intensity(torch.tensor([[50.0, -1000.0]])).tolist()
-    [[1.0, -1.0]]
+    >>> normalize_intensity(torch.tensor([[50.0, -1000.0, 1.0]])).tolist()
+    [[1.0, -1.0, 1.0]]
     """
-    channel_dim = 1 if x.shape[1] == 2 else 2
-    pet, ct = x.unbind(channel_dim)
+    pet, ct, *rest = x.unbind(channel_dim)
     pet = torch.log1p(pet.clamp(0.0, PET_SUV_CLIP)) / math.log1p(PET_SUV_REF)
     lo, hi = CT_HU_WINDOW
     ct = (ct.clamp(lo, hi) - lo) / ((hi - lo) / 2) - 1.0
-    return torch.stack([pet, ct], channel_dim)
+    return torch.stack([pet, ct, *rest], channel_dim)
 
 
 class ClinicalPreprocessor:
@@ -144,45 +147,51 @@ class ClinicalPreprocessor:
         return pre
 
 
-def _two_channel_conv(conv: nn.Module) -> nn.Module:
-    """Same conv with 2 input channels (PET, CT)."""
+def _stem_conv(conv: nn.Module, in_channels: int) -> nn.Module:
+    """Same conv with ``in_channels`` input channels (PET, CT and maybe the lesion mask)."""
     cls = type(conv)
-    return cls(2, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
+    return cls(in_channels, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride,
                padding=conv.padding, bias=conv.bias is not None)
 
 
 class ImageEncoder(nn.Module):
     """Backbone without its classifier: images in physical units -> embedding ``[B, dim]``.
 
-    Input: 2D axial ``[B, 2, H, W]``, 2D orthogonal ``[B, 3, 2, S, S]``, 3D ``[B, 2, D, H, W]``.
+    Input with ``C = in_channels`` (2: PET, CT; 3: and the lesion mask): 2D axial ``[B, C, H, W]``,
+    2D orthogonal ``[B, 3, C, S, S]``, 3D ``[B, C, D, H, W]``.
 
     >>> enc = ImageEncoder("resnet18")
     >>> enc(torch.zeros(2, 2, 32, 32)).shape
     torch.Size([2, 512])
+    >>> ImageEncoder("resnet18", "orthogonal", in_channels=3)(torch.zeros(2, 3, 3, 32, 32)).shape
+    torch.Size([2, 512])
     """
 
-    def __init__(self, backbone: str = "resnet18", view: str = "axial"):
+    def __init__(self, backbone: str = "resnet18", view: str = "axial", in_channels: int = 2):
         super().__init__()
         if backbone not in BACKBONES:
             raise InputError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
         if view not in VIEWS:
             raise InputError(f"unknown view {view!r}; choose one of {VIEWS}")
-        self.backbone_name, self.view = backbone, view
+        if in_channels not in (2, 3):
+            raise InputError(f"an image model takes 2 (PET, CT) or 3 (and the lesion mask) channels, "
+                             f"got {in_channels}")
+        self.backbone_name, self.view, self.in_channels = backbone, view, in_channels
         self.is_3d = backbone in BACKBONES_3D
         if self.is_3d:
             net = torchvision.models.video.r3d_18(weights=None)
-            net.stem[0] = _two_channel_conv(net.stem[0])
+            net.stem[0] = _stem_conv(net.stem[0], in_channels)
         else:
             net = getattr(torchvision.models, backbone)(weights=None)
-            net.conv1 = _two_channel_conv(net.conv1)
+            net.conv1 = _stem_conv(net.conv1, in_channels)
         self.dim = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
         self.channels_last = False  # NHWC activations for 2D (set by the trainer where it helps)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize_intensity(images)
-        views = x.shape[1] if not self.is_3d and self.view == "orthogonal" else 0
+        views = images.shape[1] if not self.is_3d and self.view == "orthogonal" else 0
+        x = normalize_intensity(images, channel_dim=2 if views else 1)
         if views:
             x = x.flatten(0, 1)
         if self.channels_last:
@@ -204,7 +213,7 @@ class SurvivalModel(nn.Module):
 
     def __init__(self, modality: str, backbone: str = "resnet18", *, n_clinical: int = 0,
                  view: str = "axial", hidden: int = 32, dropout: float = 0.2, attention: bool = False,
-                 n_aux: int = 0):
+                 n_aux: int = 0, in_channels: int = 2):
         super().__init__()
         if modality not in MODALITIES:
             raise InputError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
@@ -212,7 +221,7 @@ class SurvivalModel(nn.Module):
             raise InputError(f"modality {modality!r} needs clinical features (n_clinical > 0)")
         self.modality, self.attention = modality, attention
         self.n_clinical = n_clinical if modality != "imaging" else 0
-        self.encoder = ImageEncoder(backbone, view) if modality != "clinical" else None
+        self.encoder = ImageEncoder(backbone, view, in_channels) if modality != "clinical" else None
         image_dim = self.encoder.dim if self.encoder is not None else 0
         if attention and self.encoder is not None:
             self.attention_score = nn.Sequential(nn.Linear(image_dim, 64), nn.Tanh(), nn.Linear(64, 1))
@@ -342,7 +351,8 @@ def load_pretrained(model: SurvivalModel, path: str | Path) -> list[str]:
     """Load backbone weights from a LOCAL file (``.safetensors`` or a torch state dict).
 
     Keys may be torchvision's own (``conv1.weight``, ``layer1...``) or prefixed ``encoder.net.``.
-    A 3-channel ImageNet stem is adapted to (PET, CT) by averaging over RGB. The classifier
+    A 3-channel ImageNet stem is adapted to the model's input channels (PET, CT, maybe the lesion
+    mask) by averaging over RGB, whatever the number of channels. The classifier
     (``fc``) is skipped. Returns the encoder keys that stayed randomly initialised.
     """
     path = Path(path)
@@ -367,8 +377,8 @@ def load_pretrained(model: SurvivalModel, path: str | Path) -> list[str]:
     for key, value in state.items():
         if key.startswith("fc.") or key not in target:
             continue
-        if value.ndim >= 4 and value.shape[1] == 3 and target[key].shape[1] == 2:
-            value = value.mean(dim=1, keepdim=True).expand(-1, 2, *value.shape[2:]).clone()
+        if key in STEM_KEYS and value.ndim >= 4 and value.shape[1] == 3:  # RGB: no channel is ours
+            value = value.mean(dim=1, keepdim=True).expand(-1, target[key].shape[1], *value.shape[2:]).clone()
         if value.shape != target[key].shape:
             raise InputError(f"weights for {key} have shape {tuple(value.shape)}, model needs "
                              f"{tuple(target[key].shape)}", file=str(path))

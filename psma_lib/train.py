@@ -63,7 +63,7 @@ from .cox import neg_partial_log_likelihood
 from .errors import InputError
 from .evaluation import concordance_index
 from .models import SurvivalModel, aggregate_lesion_risks
-from .vocabulary import DEFAULT_AGGREGATION
+from .vocabulary import DEFAULT_AGGREGATION, INPUT_CHANNELS
 
 TRAINING_UNITS = ("patient", "lesion")
 SELECTIONS = ("last", "val_loss", "val_c_index")
@@ -134,10 +134,12 @@ class FitResult:
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, *, max_rotation_deg: float = 10.0,
                   max_shift: float = 0.08, pet_log_scale_sd: float = 0.1, ct_shift_sd_hu: float = 20.0,
-                  draw: tuple[int, int] | None = None) -> torch.Tensor:
+                  draw: tuple[int, int] | None = None, views: bool | None = None) -> torch.Tensor:
     """Random flips, small rotations and shifts and intensity jitter for a whole batch at once.
 
-    ``x``: ``[B, 2, H, W]``, ``[B, V, 2, S, S]`` or ``[B, 2, D, H, W]`` in SUV / HU. One affine
+    ``x``: ``[B, C, H, W]``, ``[B, V, C, S, S]`` (``views=True``) or ``[B, C, D, H, W]`` in SUV / HU
+    (``C`` = 2, or 3 with the lesion mask, which is moved with the image and not jittered;
+    ``views=None`` takes a 5-D ``x`` whose third axis is at most 3 long for views). One affine
     resampling (``grid_sample``, border padding) does flips (per axis, p = 0.5), rotation (in the
     axial H-W plane, uniform +-``max_rotation_deg``) and shift (+-``max_shift`` of the field of
     view); PET is scaled by ``exp(N(0, 0.1))`` (calibration), CT shifted by ``N(0, 20)`` HU. All
@@ -151,16 +153,15 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator, *, max_rotation_d
     rows = slice(first, first + b)
     rand = lambda *s: torch.rand(total, *s, generator=generator, device=device)[rows]  # noqa: E731
     randn = lambda: torch.randn(total, generator=generator, device=device)[rows]  # noqa: E731
-    is_views = x.ndim == 5 and x.shape[2] == 2
+    is_views = x.ndim == 5 and (x.shape[2] <= len(INPUT_CHANNELS) if views is None else views)
     is_3d = x.ndim == 5 and not is_views
     # intensity: channel axis is 1 (or 2 for views)
     shape = [b] + [1] * (x.ndim - 1)
     pet_scale = torch.exp(pet_log_scale_sd * randn()).view(shape)
     ct_shift = (ct_shift_sd_hu * randn()).view(shape)
-    if is_views:
-        x = torch.stack([x[:, :, 0] * pet_scale.squeeze(-1), x[:, :, 1] + ct_shift.squeeze(-1)], dim=2)
-    else:
-        x = torch.stack([x[:, 0] * pet_scale.squeeze(-1), x[:, 1] + ct_shift.squeeze(-1)], dim=1)
+    channel_dim = 2 if is_views else 1
+    pet, ct, *rest = x.unbind(channel_dim)
+    x = torch.stack([pet * pet_scale.squeeze(-1), ct + ct_shift.squeeze(-1), *rest], dim=channel_dim)
     n_axes = 3 if is_3d else 2
     flips = torch.where(rand(n_axes) < 0.5, -1.0, 1.0)
     angle = (2 * rand() - 1) * math.radians(max_rotation_deg)
@@ -460,6 +461,8 @@ class Trainer:
         self.batches = _Batches(train, self.unit)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cpu_generator = torch.Generator().manual_seed(seed + 1)
+        encoder = model.encoder
+        self._views = encoder is not None and not encoder.is_3d and encoder.view == "orthogonal"
         channels_last = self.is_cuda if config.channels_last is None else config.channels_last
         if channels_last and model.encoder is not None and not model.encoder.is_3d:
             model.encoder.channels_last = True
@@ -519,13 +522,14 @@ class Trainer:
         batch = self.batches.inputs(idx, slice(first, first + lesions[distributed.rank()]))
         if self.config.augment:
             draw = (first, sum(lesions))
-            batch = batch._replace(images=augment_batch(batch.images, self.generator, draw=draw))
+            images = augment_batch(batch.images, self.generator, draw=draw, views=self._views)
+            batch = batch._replace(images=images)
         return batch, lesions
 
     def _batch(self, idx) -> Batch:
         batch = self.batches.inputs(idx)
         if batch.images is not None and self.config.augment:
-            batch = batch._replace(images=augment_batch(batch.images, self.generator))
+            batch = batch._replace(images=augment_batch(batch.images, self.generator, views=self._views))
         return batch
 
     def _eager_loss(self, batch: Batch) -> torch.Tensor:

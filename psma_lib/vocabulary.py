@@ -55,6 +55,12 @@ VIEWS = ("axial", "orthogonal")
 #: (docs/METHOD.md: +0.020 fold-mean C over the axial plane on fresh count-free cohorts, 2.3x the cost).
 DEFAULT_VIEW = "orthogonal"
 
+#: What an image model may be given of each crop (its channels, in this order): the PET, the CT
+#: and the lesion's own mask (crops directories of format version 3).
+INPUT_CHANNELS = ("pet", "ct", "mask")
+#: docs/METHOD.md, "Fourth round": PET and CT only unless the pre-registered test says otherwise.
+DEFAULT_INPUT_CHANNELS = "pet,ct"
+
 #: Auxiliary lesion targets an image model may regress (a regulariser; all measured from the crop
 #: stage's lesion table, never the synthetic truth): log SUVmax, log volume (mL), the heterogeneity
 #: log(SUVmean / SUVmax) of the lesion's mask, the annotated site being bone (0/1), and the mean CT

@@ -23,6 +23,7 @@ import pytest
 from psma_lib import report
 from psma_lib.cli import main as cli_main
 from psma_lib.crop import (
+    CROP_CHANNELS,
     CT_PAD_HU,
     LESION_TABLE_COLUMNS,
     PLANE_VIEWS,
@@ -137,7 +138,8 @@ def test_crops_follow_the_contract(cohort, crops_dir):
     crop_set = load_crops(crops_dir)
     n = len(cohort["lesions"])
 
-    assert crop_set.images.shape == (n, 2, N, N, N) and crop_set.images.dtype == np.float32
+    assert crop_set.images.shape == (n, 3, N, N, N) and crop_set.images.dtype == np.float32
+    assert crop_set.has_mask_channel
     assert crop_set.n_lesions == n
     assert list(crop_set.lesions.columns) == list(LESION_TABLE_COLUMNS)
     assert crop_set.lesions[["patient_id", "lesion_id"]].values.tolist() == \
@@ -149,7 +151,8 @@ def test_crops_follow_the_contract(cohort, crops_dir):
 
     meta = crop_set.meta
     assert meta["size_mm"] == SIZE_MM and meta["spacing_mm"] == SPACING_MM
-    assert meta["shape"] == [n, 2, N, N, N]
+    assert meta["shape"] == [n, 3, N, N, N] and meta["version"] == 3
+    assert meta["channels"] == list(CROP_CHANNELS)
     assert meta["orientation"] == CROP_ORIENTATION and meta["center_mode"] == "centroid"
     assert meta["manifest"] == str(Path(cohort["manifest"]).resolve())
     assert meta["data_checksum"] == data_checksum(cohort["manifest"])
@@ -169,6 +172,7 @@ def test_lesion_measurements_and_centres(cohort, crops_dir):
         if lesion["lesion_id"] == "L3":
             assert np.allclose(centre, expected, atol=1e-3), "given centre used as is"
             assert math.isnan(lesion["volume_ml"]) and math.isnan(lesion["suvmax"])
+            assert not crop_set.images[row][2].any(), "no label, no mask"
             continue
         label = int(lesion["lesion_id"][1])
         in_label = truth["mask"] == label
@@ -178,9 +182,12 @@ def test_lesion_measurements_and_centres(cohort, crops_dir):
         # Centroid of a voxelised ball (possibly clipped by the field of view): near the truth.
         assert np.linalg.norm(centre - expected) < 2.5
         # The lesion is bright at the crop centre in both channels.
-        pet_crop, ct_crop = crop_set.images[row]
+        pet_crop, ct_crop, lesion_mask = crop_set.images[row]
         assert pet_crop[N // 2, N // 2, N // 2] > 0.6 * lesion["suvmax"]
         assert ct_crop[N // 2, N // 2, N // 2] > 300
+        # Its own label fills the mask channel at the centre, about as many mL as it measures.
+        assert lesion_mask[N // 2, N // 2, N // 2] == 1 and set(np.unique(lesion_mask)) == {0, 1}
+        assert lesion_mask.sum() * SPACING_MM**3 / 1000 == pytest.approx(lesion["volume_ml"], rel=0.35)
 
 
 def test_edge_flag_and_padding(cohort, crops_dir):
@@ -365,8 +372,8 @@ def test_load_crops_errors(crops_dir, tmp_path):
 
     newer = _copy(crops_dir, tmp_path / "newer")
     meta = json.loads((newer / "crops.json").read_text())
-    (newer / "crops.json").write_text(json.dumps({**meta, "version": 3}))
-    with pytest.raises(InputError, match="format version 3"):
+    (newer / "crops.json").write_text(json.dumps({**meta, "version": 4}))
+    with pytest.raises(InputError, match="format version 4"):
         load_crops(newer)
 
 
@@ -532,8 +539,8 @@ def test_merge_refuses_bad_shards_and_leaves_nothing(cohort, two_shards, tmp_pat
     def half(out):
         array = out / shard1 / "crops-00001.npy"
         np.save(array, np.load(array).astype(np.float16))
-    case("array dtype", half, r"crops-00001.npy: array is float16 \[3, 2, 8, 8, 8\], expected "
-         r"float32 \[3, 2, 8, 8, 8\]")
+    case("array dtype", half, r"crops-00001.npy: array is float16 \[3, 3, 8, 8, 8\], expected "
+         r"float32 \[3, 3, 8, 8, 8\]")
 
     # A failed merge leaves an earlier merge as it was (and that one then refuses to load).
     out = merge_shards(manifest, Path(shutil.copytree(two_shards, tmp_path / "merged")))
@@ -626,14 +633,14 @@ def test_2d_inputs_read_no_volume(crops_dir, tmp_path):
     del volumes
     crops = _load_crops(poisoned)
     axial = image_inputs(crops, crops.lesions, "resnet18", "axial")
-    assert np.array_equal(axial.numpy(), reference.planes("axial"))
-    orthogonal = image_inputs(crops, crops.lesions, "resnet18", "orthogonal")
+    assert np.array_equal(axial.numpy(), reference.planes("axial")[:, :2]), "PET and CT by default"
+    orthogonal = image_inputs(crops, crops.lesions, "resnet18", "orthogonal", "pet,ct,mask")
     assert np.array_equal(orthogonal.numpy()[:, 2], reference.planes("sagittal"))
     # The 3D path does read the volumes, so it sees the poison.
     with pytest.raises(InputError, match="non-finite values"):
         image_inputs(crops, crops.lesions, "r3d_18", "axial")
     intact = image_inputs(reference, reference.lesions, "r3d_18", "axial")
-    assert np.array_equal(intact.numpy(), np.asarray(reference.images))
+    assert np.array_equal(intact.numpy(), np.asarray(reference.images)[:, :2])
 
 
 @pytest.fixture(scope="module")
@@ -674,23 +681,31 @@ def test_float16_storage_and_its_recorded_error(cohort, crops_dir, float16_dir, 
 
 
 def test_version_1_directory_still_loads(crops_dir, tmp_path):
+    from psma_lib.cv import image_inputs
+
     reference = load_crops(crops_dir)
     old = tmp_path / "old"
     old.mkdir()
-    np.save(old / "crops.npy", np.asarray(reference.images))
+    np.save(old / "crops.npy", np.asarray(reference.images)[:, :2])  # version 1: PET and CT
     pd.read_csv(crops_dir / "lesions.csv").drop(columns=["shard", "row"]).to_csv(
         old / "lesions.csv", index=False)
     shutil.copyfile(crops_dir / "patients.csv", old / "patients.csv")
     meta = {k: v for k, v in reference.meta.items()
             if k not in ("shards", "n_shards", "dtype", "planes", "storage_error")}
+    meta["shape"] = [meta["shape"][0], 2, *meta["shape"][2:]]
     (old / "crops.json").write_text(json.dumps({**meta, "version": 1}))
 
     loaded = load_crops(old)
     assert isinstance(loaded.images, np.memmap) and loaded.plane_arrays is None
-    assert np.array_equal(loaded.images, np.asarray(reference.images))
+    assert np.array_equal(loaded.images, np.asarray(reference.images)[:, :2])
     pd.testing.assert_frame_equal(loaded.lesions, reference.lesions)
     for view in PLANE_VIEWS:
-        assert np.array_equal(loaded.planes(view), reference.planes(view))
+        assert np.array_equal(loaded.planes(view), reference.planes(view)[:, :2])
+    # PET and CT are what such crops can give; the lesion mask is one clear error.
+    assert not loaded.has_mask_channel
+    assert image_inputs(loaded, loaded.lesions, "resnet18", "axial").shape[1] == 2
+    with pytest.raises(InputError, match="lesion-mask channel .* crop again"):
+        image_inputs(loaded, loaded.lesions, "resnet18", "axial", "pet,ct,mask")
 
 
 def test_merge_and_load_read_no_array_data(cohort, tmp_path, monkeypatch):

@@ -96,15 +96,31 @@ def test_sphere_and_marker_land_at_the_right_crop_voxels(case):
         ct_affine = affine_around(ct_matrix, ct_shape, CENTRE_MM, (-0.3, 0.4, 0.1))
     pet = phantom(PET_SHAPE, pet_affine, 10.0)
     ct = phantom(ct_shape, ct_affine, 800.0)
+    # The label map on the CT's grid: the sphere is lesion 5, the marker another lesion (6).
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in ct_shape], indexing="ij"), axis=-1)
+    world = voxel_to_world(ct_affine, ijk)
+    mask = np.zeros(ct_shape, np.int16)
+    mask[np.linalg.norm(world - CENTRE_MM, axis=-1) <= 7.0] = 5
+    mask[np.linalg.norm(world - CENTRE_MM - MARKER_OFFSET_MM, axis=-1) <= 4.0] = 6
 
-    crops, edge = crop_volumes(pet, pet_affine, ct, ct_affine, CENTRE_MM[None], SIZE_MM, SPACING_MM)
+    crops, edge = crop_volumes(pet, pet_affine, ct, ct_affine, CENTRE_MM[None], SIZE_MM, SPACING_MM,
+                               mask=mask, mask_affine=ct_affine, labels=[5])
 
-    assert crops.shape == (1, 2, N, N, N) and crops.dtype == np.float32
+    assert crops.shape == (1, 3, N, N, N) and crops.dtype == np.float32
     assert not edge[0], "the crop lies inside both fields of view"
     for channel, name in ((0, "PET"), (1, "CT")):
         sphere, marker = blob_centroids(crops[0, channel], background=0.0)
         assert np.allclose(sphere, (N // 2,) * 3, atol=0.3), f"{name} sphere at {sphere}"
         assert np.allclose(marker, MARKER_VOXEL, atol=0.3), f"{name} marker at {marker}"
+    # The mask channel holds this lesion (label 5) only, where the world says it is: its centroid
+    # within half a mask voxel of the crop centre, its volume that of a 7 mm ball, the marker's
+    # voxels (label 6) empty.
+    lesion = crops[0, 2]
+    assert set(np.unique(lesion)) == {0.0, 1.0} and lesion[MARKER_VOXEL] == 0
+    mask_voxel = np.linalg.norm(ct_affine[:3, :3], axis=0)
+    centroid = np.array(ndimage.center_of_mass(lesion))
+    assert np.all(np.abs(centroid - N // 2) * SPACING_MM <= mask_voxel.max() / 2), centroid
+    assert lesion.sum() * SPACING_MM**3 == pytest.approx(4 / 3 * np.pi * 7.0**3, rel=0.25)
 
 
 @pytest.mark.parametrize("case", ["axis-aligned anisotropic", "flipped (LPS-like)", "oblique"])
@@ -267,7 +283,7 @@ def test_planes_come_from_the_centre_voxel():
 
     axial, coronal, sagittal = (crop_set.planes(v) for v in ("axial", "coronal", "sagittal"))
 
-    assert np.array_equal(axial, crops[:, :, N // 2]) and axial.shape == (1, 2, N, N)
+    assert np.array_equal(axial, crops[:, :, N // 2]) and axial.shape == (1, 3, N, N)
     assert np.array_equal(coronal, crops[:, :, :, N // 2])
     assert np.array_equal(sagittal, crops[:, :, :, :, N // 2])
     for plane in (axial, coronal, sagittal):

@@ -223,7 +223,7 @@ def test_pretrained_imagenet_stem_adapted_by_averaging(tmp_path):
         load_pretrained(SurvivalModel("imaging", "resnet18"), tmp_path / "bad.pt")
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 16), (3, 2, 16, 16), (2, 8, 8, 8)])
+@pytest.mark.parametrize("shape", [(2, 16, 16), (3, 2, 16, 16), (2, 8, 8, 8), (3, 3, 16, 16), (3, 8, 8, 8)])
 def test_augmentation_batched_seeded_and_geometry_preserving(shape):
     x = torch.rand(6, *shape) * 10
     a = augment_batch(x, torch.Generator().manual_seed(1))
@@ -234,12 +234,29 @@ def test_augmentation_batched_seeded_and_geometry_preserving(shape):
     pure = augment_batch(x, torch.Generator().manual_seed(3), max_rotation_deg=0, max_shift=0,
                          pet_log_scale_sd=0, ct_shift_sd_hu=0)
     for i in range(6):
-        spatial = tuple(range(-len(shape) + (2 if len(shape) == 4 and shape[0] == 3 else 1), 0))
+        spatial = tuple(range(-len(shape) + (2 if len(shape) == 4 and shape[1] <= 3 else 1), 0))
         candidates = [x[i]]
         for k in range(1, 1 << len(spatial)):
             dims = [d for j, d in enumerate(spatial) if k >> j & 1]
             candidates.append(x[i].flip(dims))
         assert any(torch.allclose(pure[i], c, atol=1e-5) for c in candidates)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 16), (3, 3, 16, 16), (3, 8, 8, 8)])
+def test_augmentation_moves_the_lesion_mask_with_the_image_and_never_jitters_it(shape):
+    x = torch.rand(6, *shape) * 10
+    views = len(shape) == 4 and shape[1] == 3
+    channel = 1 if views else 0
+    x.select(channel + 1, 2).copy_((torch.rand_like(x.select(channel + 1, 2)) < 0.3).float())
+    jitter_only = augment_batch(x, torch.Generator().manual_seed(4), max_rotation_deg=0, max_shift=0,
+                                pet_log_scale_sd=0.5, ct_shift_sd_hu=50, views=views)
+    pet, mask = jitter_only.select(channel + 1, 0), jitter_only.select(channel + 1, 2)
+    # Flips permute the voxels: the mask keeps its 0s and 1s (up to resampling round-off) and as
+    # many 1s; PET is rescaled.
+    assert torch.allclose(mask, mask.round(), atol=1e-5)
+    dims = tuple(range(1, mask.ndim))
+    assert torch.equal(mask.round().sum(dim=dims), x.select(channel + 1, 2).sum(dim=dims))
+    assert not torch.allclose(pet.sum(), x.select(channel + 1, 0).sum())
 
 
 def _tiny_data(n_patients=12, seed=0):
