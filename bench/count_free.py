@@ -48,13 +48,14 @@ from lifelines import CoxPHFitter
 from psma_lib.biomarkers import mean_ct_density, patient_biomarkers
 from psma_lib.cox import neg_partial_log_likelihood
 from psma_lib.crop import crop_cohort, load_crops
-from psma_lib.cv import CVConfig, input_channels, lesion_target_values, run_cv
+from psma_lib.cv import CVConfig, lesion_target_values, run_cv
 from psma_lib.io import write_json
 from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import segment_aggregate
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import Spec, count_free, generate_cohort, load_truth
+from psma_lib.vocabulary import input_channels
 
 
 def cohort_name(seed: int, patients: int) -> str:
@@ -144,10 +145,11 @@ def fold_lesion_sum_cox(oof: pd.DataFrame, lesions: pd.DataFrame, ridge: float =
 
 
 def variant_name(config: CVConfig) -> str:
-    """The run folder's suffix: the view, the auxiliary targets and any input channel beyond PET
-    and CT (the variants compared here)."""
+    """The run folder's suffix: the view, the auxiliary targets, any input channel beyond PET and
+    CT and a risk head other than the MLP (the variants compared here)."""
     extra = [c for c in input_channels(config.channels) if c not in ("pet", "ct")]
-    return "-".join([config.view, "aux", *config.aux_targets.split(","), *extra])
+    head = [] if config.head == "mlp" else [f"head_{config.head}"]
+    return "-".join([config.view, "aux", *config.aux_targets.split(","), *extra, *head])
 
 
 DEFAULT_PATIENTS = 150
@@ -199,6 +201,7 @@ def main() -> None:
     parser.add_argument("--aux-targets", default=CVConfig().aux_targets,
                         help="the imaging model's auxiliary lesion targets (psma-pfs cv --aux-targets)")
     parser.add_argument("--view", default=CVConfig().view, help="axial or orthogonal (psma-pfs cv --view)")
+    parser.add_argument("--head", default=CVConfig().head, help="mlp or concepts (psma-pfs cv --head)")
     parser.add_argument("--channels", default=CVConfig().channels,
                         help="pet,ct or pet,ct,mask (psma-pfs cv --channels)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -206,6 +209,7 @@ def main() -> None:
     args = parser.parse_args()
     config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, num_threads=args.threads,
                       aux_targets=args.aux_targets, view=args.view, channels=args.channels,
+                      head=args.head,
                       progress=False)
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)

@@ -4,7 +4,7 @@ C-index of a synthetic cohort, and the layer table of a survival network.
 Each function takes data (tables, a truth table, a model configuration), not book settings, and
 returns numbers; :mod:`psma_lib.report` formats them.
 
->>> network_input_shape({"shape": [396, 2, 32, 32, 32]}, "resnet18")
+>>> network_input_shape({"shape": [396, 3, 32, 32, 32]}, "resnet18")
 (2, 32, 32)
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .evaluation import OOF_COLUMNS, cox_hazard_ratios, summarize_cv
-from .vocabulary import BACKBONES_3D, CLINICAL_COLUMNS
+from .vocabulary import BACKBONES_3D, CLINICAL_COLUMNS, DEFAULT_INPUT_CHANNELS, input_channels
 
 # Clinical Cox design: units chosen so every hazard ratio reads clinically.
 CLINICAL_COX_TERMS = {
@@ -94,17 +94,21 @@ def oracle_c_index(truth: pd.DataFrame, patients: pd.DataFrame, folds: pd.DataFr
     return summarize_cv(df[list(OOF_COLUMNS)], n_boot=n_boot, seed=seed)
 
 
-def network_input_shape(crops_meta: dict, backbone: str) -> tuple[int, ...]:
-    """One lesion's network input from ``crops.json``'s shape ``[n, 2, D, H, W]``:
-    ``(2, D, H, W)`` for a 3D backbone, the axial plane ``(2, H, W)`` for a 2D one."""
-    _, channels, depth, height, width = crops_meta["shape"]
-    return (channels, depth, height, width) if backbone in BACKBONES_3D else (channels, height, width)
+def network_input_shape(crops_meta: dict, backbone: str, channels: str = DEFAULT_INPUT_CHANNELS
+                        ) -> tuple[int, ...]:
+    """One lesion's network input from ``crops.json``'s shape ``[n, C, D, H, W]`` and the model's
+    input ``channels`` (``C'`` of them): ``(C', D, H, W)`` for a 3D backbone, the axial plane
+    ``(C', H, W)`` for a 2D one."""
+    _, _, depth, height, width = crops_meta["shape"]
+    n = len(input_channels(channels))
+    return (n, depth, height, width) if backbone in BACKBONES_3D else (n, height, width)
 
 
 def architecture_summary(modality: str, backbone: str, image_shape: Sequence[int]) -> pd.DataFrame:
     """Compact layer table of :class:`psma_lib.models.SurvivalModel`: block, output shape, params.
 
-    ``image_shape``: one lesion's network input, e.g. ``(2, 32, 32)`` (2D) or ``(2, 16, 32, 32)``.
+    ``image_shape``: one lesion's network input, e.g. ``(2, 32, 32)`` (2D) or ``(2, 16, 32, 32)``
+    (its first entry, 2 or 3, is the number of input channels).
     Lists the backbone's top-level blocks then the risk head; shapes are for a batch of one.
 
     >>> table = architecture_summary("multimodal", "resnet18", (2, 16, 16)).set_index("Block")
@@ -115,7 +119,7 @@ def architecture_summary(modality: str, backbone: str, image_shape: Sequence[int
 
     from .models import SurvivalModel
 
-    model = SurvivalModel(modality, backbone, n_clinical=len(CLINICAL_COLUMNS)).eval()
+    model = SurvivalModel(modality, backbone, n_clinical=len(CLINICAL_COLUMNS), in_channels=image_shape[0]).eval()
     blocks = list(model.encoder.net.named_children()) if model.encoder is not None else []
     blocks += [(f"head.{name}", m) for name, m in model.head.named_children()]
     shapes: dict[str, tuple] = {}

@@ -1254,7 +1254,8 @@ def register_cli(subparsers) -> None:
     parser = subparsers.add_parser(
         "crop", help="crop every lesion of a cohort from PET and CT in world coordinates",
         description="Sample a fixed-size cube around each lesion from PET (SUV) and CT (HU), each "
-                    "through its own affine, and write the crops directory --out (atomically): "
+                    "through its own affine, with the lesion's own mask as a third channel, and "
+                    "write the crops directory --out (atomically): "
                     "lesions.csv, patients.csv, crops.json and shards/ with the crops and their "
                     "central planes. On a cluster, crop --shard i/N for i = 0 .. N-1 (each "
                     "writes its own shard, e.g. one SLURM array task each), then --merge.")

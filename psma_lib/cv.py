@@ -74,11 +74,13 @@ from .vocabulary import (
     DEFAULT_AUX_TARGETS,
     DEFAULT_BACKBONE,
     DEFAULT_INPUT_CHANNELS,
+    DEFAULT_RISK_HEAD,
     DEFAULT_VIEW,
-    INPUT_CHANNELS,
     MODALITIES,
     MODEL_KINDS,
+    RISK_HEADS,
     VIEWS,
+    input_channels,
     model_kinds_for,
 )
 
@@ -124,6 +126,7 @@ class CVConfig:
     covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers | biomarkers+ct
     view: str = DEFAULT_VIEW
     channels: str = DEFAULT_INPUT_CHANNELS  # comma-separated vocabulary.INPUT_CHANNELS, in that order
+    head: str = DEFAULT_RISK_HEAD  # vocabulary.RISK_HEADS: mlp on the embedding, or concepts
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
     weights: str | None = None
@@ -178,17 +181,24 @@ class CVConfig:
         if self.view not in VIEWS:
             raise InputError(f"unknown view {self.view!r}; choose one of {VIEWS}")
         input_channels(self.channels)
+        if self.head not in RISK_HEADS:
+            raise InputError(f"unknown risk head {self.head!r}; choose one of {RISK_HEADS}")
+        if self.head == "concepts" and (self.model != "resnet" or self.aux_weight <= 0):
+            raise InputError("head 'concepts' scores a lesion from its predicted auxiliary targets: it needs a "
+                             "resnet model with aux_weight > 0")
         if self.folds < 2 or self.epochs < 1 or self.batch_size < 2 or not 0 < self.val_fraction < 1:
             raise InputError("need folds >= 2, epochs >= 1, batch_size >= 2 and 0 < val_fraction < 1")
 
     def run_defining(self) -> dict:
         """The fields that change results (resume refuses a different run in the same folder).
 
-        ``channels`` is left out at PET and CT, what every run made before it existed was
-        given, so those runs' records and cached folders stay the same run."""
+        ``channels`` and ``head`` are left out at PET and CT and ``mlp``, what every run made
+        before they existed had, so those runs' records and cached folders stay the same run."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
         if input_channels(self.channels) == ("pet", "ct"):
             del fields["channels"]
+        if self.head == "mlp":
+            del fields["head"]
         return fields
 
 
@@ -305,20 +315,6 @@ def _check_inputs(crops, modality: str) -> tuple[pd.DataFrame, pd.DataFrame]:
             raise InputError("patient has no lesion crops; an imaging model cannot score them",
                              patient=without[0], file="lesions.csv")
     return patients, lesions
-
-
-def input_channels(text: str) -> tuple[str, ...]:
-    """The image channels named in ``text``: ``pet,ct`` or ``pet,ct,mask``
-    (:data:`~psma_lib.vocabulary.INPUT_CHANNELS`; PET and CT are always given, in that order).
-
-    >>> input_channels("pet, ct, mask")
-    ('pet', 'ct', 'mask')
-    """
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if names not in (INPUT_CHANNELS[:2], INPUT_CHANNELS):
-        raise InputError(f"channels must be {','.join(INPUT_CHANNELS[:2])} or {','.join(INPUT_CHANNELS)}; "
-                         f"got {text!r}")
-    return names
 
 
 def image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str,
@@ -479,7 +475,7 @@ def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
     image_model = config.model == "resnet"
     return SurvivalModel(config.modality, config.backbone if image_model else "resnet18",
                          n_clinical=n_clinical, view=config.view,
-                         in_channels=len(input_channels(config.channels)),
+                         in_channels=len(input_channels(config.channels)), head=config.head,
                          attention=config.aggregation == "attention" and image_model,
                          n_aux=len(aux_target_names(config.aux_targets)) if config.aux_weight > 0 and image_model else 0)
 
@@ -874,6 +870,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--covariates", choices=COXPH_COVARIATES, default=d.covariates,
                    help="what the coxph baseline is fitted on (default clinical)")
     p.add_argument("--view", choices=VIEWS, default=d.view)
+    p.add_argument("--head", choices=RISK_HEADS, default=d.head,
+                   help="lesion log-hazard from the image embedding (mlp) or linearly from the predicted "
+                        "auxiliary targets (concepts, a concept bottleneck)")
     p.add_argument("--channels", default=d.channels,
                    help=f"image channels: pet,ct or pet,ct,mask (the lesion's own mask; crops of format "
                         f"version 3) (default {d.channels})")

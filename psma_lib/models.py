@@ -52,6 +52,7 @@ from .vocabulary import (
     DEFAULT_AGGREGATION,
     LESION_AGGREGATIONS,
     MODALITIES,
+    RISK_HEADS,
     VIEWS,
 )
 
@@ -205,21 +206,30 @@ class SurvivalModel(nn.Module):
 
     ``imaging`` raises if given clinical features (no clinical information can reach it);
     ``clinical`` raises if given images. With ``attention=True`` use :meth:`forward_bags`.
+    ``head="concepts"`` (:data:`~psma_lib.vocabulary.RISK_HEADS`) scores a lesion linearly from
+    its ``n_aux`` auxiliary predictions instead of from the embedding.
 
     >>> m = SurvivalModel("multimodal", "resnet18", n_clinical=4)
     >>> m(torch.zeros(3, 2, 32, 32), torch.zeros(3, 4)).shape
     torch.Size([3])
+    >>> SurvivalModel("imaging", "resnet18", n_aux=5, head="concepts").head
+    Linear(in_features=5, out_features=1, bias=True)
     """
 
     def __init__(self, modality: str, backbone: str = "resnet18", *, n_clinical: int = 0,
                  view: str = "axial", hidden: int = 32, dropout: float = 0.2, attention: bool = False,
-                 n_aux: int = 0, in_channels: int = 2):
+                 n_aux: int = 0, in_channels: int = 2, head: str = "mlp"):
         super().__init__()
         if modality not in MODALITIES:
             raise InputError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
         if modality != "imaging" and n_clinical <= 0:
             raise InputError(f"modality {modality!r} needs clinical features (n_clinical > 0)")
-        self.modality, self.attention = modality, attention
+        if head not in RISK_HEADS:
+            raise InputError(f"unknown risk head {head!r}; choose one of {RISK_HEADS}")
+        if head == "concepts" and (modality == "clinical" or n_aux <= 0):
+            raise InputError("the concepts head scores the auxiliary head's predictions: it needs an image "
+                             "model with auxiliary targets (n_aux > 0)")
+        self.modality, self.attention, self.head_kind = modality, attention, head
         self.n_clinical = n_clinical if modality != "imaging" else 0
         self.encoder = ImageEncoder(backbone, view, in_channels) if modality != "clinical" else None
         image_dim = self.encoder.dim if self.encoder is not None else 0
@@ -228,10 +238,12 @@ class SurvivalModel(nn.Module):
         # auxiliary lesion regression (measured lesion quantities, vocabulary.AUX_TARGETS): a regulariser that makes
         # the embedding encode what the lesion table measures; never part of the log-hazard
         self.aux_head = nn.Linear(image_dim, n_aux) if n_aux and self.encoder is not None else None
-        in_dim = image_dim + self.n_clinical
-        self.head = nn.Sequential(
-            nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, 1),
-        )
+        if head == "concepts":  # a concept bottleneck: linear in what the image is read to measure
+            self.head = nn.Linear(n_aux + self.n_clinical, 1)
+        else:
+            self.head = nn.Sequential(
+                nn.Dropout(dropout), nn.Linear(image_dim + self.n_clinical, hidden), nn.ReLU(), nn.Linear(hidden, 1),
+            )
 
     def _check_inputs(self, images, clinical):
         if self.modality == "imaging" and clinical is not None:
@@ -243,8 +255,12 @@ class SurvivalModel(nn.Module):
         if self.modality != "clinical" and images is None:
             raise ValueError(f"{self.modality} modality needs images")
 
-    def _head(self, embedding: torch.Tensor | None, clinical: torch.Tensor | None) -> torch.Tensor:
-        parts = [t for t in (embedding, clinical) if t is not None]
+    def _head(self, embedding: torch.Tensor | None, clinical: torch.Tensor | None,
+              aux: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-hazards from the embedding (``mlp``) or from the auxiliary predictions ``aux``
+        (``concepts``), with the clinical features beside them."""
+        image = aux if self.head_kind == "concepts" else embedding
+        parts = [t for t in (image, clinical) if t is not None]
         return self.head(torch.cat(parts, dim=1)).squeeze(1)
 
     def forward(self, images: torch.Tensor | None = None, clinical: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,7 +277,7 @@ class SurvivalModel(nn.Module):
         """:meth:`forward_with_aux` after the encoder: lesion log-hazards and auxiliary predictions
         from image embeddings ``[B, dim]`` (a data-parallel step gathers these across ranks)."""
         aux = self.aux_head(embedding) if self.aux_head is not None else None
-        return self._head(embedding, clinical), aux
+        return self._head(embedding, clinical, aux), aux
 
     def forward_bags(self, images: torch.Tensor, bag_index: torch.Tensor, n_bags: int,
                      clinical: torch.Tensor | None = None, aggregation: str = "sum"
@@ -285,7 +301,7 @@ class SurvivalModel(nn.Module):
         aux = self.aux_head(emb) if self.aux_head is not None else None
         if not self.attention:
             lesion_clinical = None if clinical is None else clinical[bag_index]
-            log_hazard = self._head(emb, lesion_clinical)
+            log_hazard = self._head(emb, lesion_clinical, aux)
             return segment_aggregate(log_hazard, bag_index, n_bags, aggregation), aux
         score = self.attention_score(emb).squeeze(1).float()
         bag_max = torch.full((n_bags,), -torch.inf, device=score.device).scatter_reduce(
@@ -295,7 +311,8 @@ class SurvivalModel(nn.Module):
         weight = (weight / norm[bag_index]).to(emb.dtype)
         pooled = torch.zeros(n_bags, emb.shape[1], device=emb.device, dtype=emb.dtype)
         pooled = pooled.index_add(0, bag_index, emb * weight.unsqueeze(1))
-        return self._head(pooled, clinical), aux
+        pooled_aux = self.aux_head(pooled) if self.head_kind == "concepts" else None
+        return self._head(pooled, clinical, pooled_aux), aux
 
 
 def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags: int,

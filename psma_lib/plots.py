@@ -35,6 +35,7 @@ MODALITY_COLORS = {"clinical": "#8c8c8c", "imaging": "#4c72b0", "multimodal": "#
 GROUP_COLORS = {"high": "#c44e52", "low": "#4c72b0"}
 CT_WINDOW_HU = (-300.0, 700.0)   # a soft-tissue/bone compromise: nodes and sclerotic bone both show
 PET_SUV_RANGE = (2.0, 20.0)      # below 2 SUV the PET overlay is transparent (background uptake)
+MASK_COLOUR = "#39d353"         # the lesion-mask outline: green, apart from the hot PET scale
 # (left, right, top, bottom) of a displayed plane, after display_plane's flips.
 ORIENTATION_LETTERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"),
                        "sagittal": ("A", "P", "S", "I")}
@@ -127,10 +128,11 @@ def lesion_overview(lesions: pd.DataFrame) -> Figure:
 @_book_style
 def fused_montage(planes: np.ndarray, titles: Sequence[str], *, spacing_mm: float,
                   view: str = "axial", ncols: int = 4) -> Figure:
-    """QC montage of fused PET/CT lesion crops: CT in grey, PET as a hot overlay.
+    """QC montage of fused PET/CT lesion crops: CT in grey, PET as a hot overlay, and the
+    lesion's own mask outlined where the crops carry it.
 
-    ``planes``: ``[n, 2, a, b]`` (channel 0 PET in SUV, channel 1 CT in HU) in the contract's
-    crop orientation; each tile is re-oriented with :func:`display_plane`. CT window
+    ``planes``: ``[n, C, a, b]`` (channel 0 PET in SUV, channel 1 CT in HU, channel 2 the lesion
+    mask if ``C = 3``) in the contract's crop orientation; each tile is re-oriented with :func:`display_plane`. CT window
     :data:`CT_WINDOW_HU`, PET shown from :data:`PET_SUV_RANGE` (transparent below).
     Tiles are drawn in millimetres relative to the lesion centre (axes of the first tile).
     """
@@ -147,6 +149,9 @@ def fused_montage(planes: np.ndarray, titles: Sequence[str], *, spacing_mm: floa
         ax.imshow(ct, cmap="gray", vmin=CT_WINDOW_HU[0], vmax=CT_WINDOW_HU[1], extent=extent)
         image = ax.imshow(np.ma.masked_less(pet, PET_SUV_RANGE[0]), cmap="hot", norm=norm,
                           alpha=0.65, extent=extent)
+        if len(plane) > 2 and plane[2].any():
+            ax.contour(display_plane(plane[2], view), levels=[0.5], colors=MASK_COLOUR, linewidths=1.0,
+                       origin="upper", extent=extent)
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -161,8 +166,9 @@ def fused_montage(planes: np.ndarray, titles: Sequence[str], *, spacing_mm: floa
     fig.subplots_adjust(left=0.02, right=0.88, top=0.86, bottom=0.08, wspace=0.06, hspace=0.32)
     cax = fig.add_axes([0.9, 0.15, 0.02, 0.65])
     fig.colorbar(image, cax=cax).set_label("PET SUV (g/mL)")
+    outline = "; lesion mask outlined" if planes.shape[1] > 2 else ""
     fig.text(0.45, 0.02, f"each tile {2 * half:.0f} mm × {2 * half:.0f} mm; CT window "
-             f"{CT_WINDOW_HU[0]:.0f} to {CT_WINDOW_HU[1]:.0f} HU", ha="center", fontsize=10)
+             f"{CT_WINDOW_HU[0]:.0f} to {CT_WINDOW_HU[1]:.0f} HU{outline}", ha="center", fontsize=10)
     fig.suptitle(f"Fused PET/CT, {view} plane through each lesion centre", fontsize=12)
     return fig
 

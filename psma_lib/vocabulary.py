@@ -12,6 +12,8 @@ True
 
 from __future__ import annotations
 
+from .errors import InputError
+
 # --------------------------------------------------------------------------- data
 
 TREATMENT_COLUMNS = ("adt", "arpi", "docetaxel", "radiotherapy", "lu_psma")
@@ -61,12 +63,33 @@ INPUT_CHANNELS = ("pet", "ct", "mask")
 #: docs/METHOD.md, "Fourth round": PET and CT only unless the pre-registered test says otherwise.
 DEFAULT_INPUT_CHANNELS = "pet,ct"
 
+
+def input_channels(text: str) -> tuple[str, ...]:
+    """The image channels named in ``text``: ``pet,ct`` or ``pet,ct,mask``
+    (:data:`~psma_lib.vocabulary.INPUT_CHANNELS`; PET and CT are always given, in that order).
+
+    >>> input_channels("pet, ct, mask")
+    ('pet', 'ct', 'mask')
+    """
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if names not in (INPUT_CHANNELS[:2], INPUT_CHANNELS):
+        raise InputError(f"channels must be {','.join(INPUT_CHANNELS[:2])} or {','.join(INPUT_CHANNELS)}; "
+                         f"got {text!r}")
+    return names
+
+
 #: Auxiliary lesion targets an image model may regress (a regulariser; all measured from the crop
 #: stage's lesion table, never the synthetic truth): log SUVmax, log volume (mL), the heterogeneity
 #: log(SUVmean / SUVmax) of the lesion's mask, the annotated site being bone (0/1), and the mean CT
 #: density (HU) of the lesion's mask.
 AUX_TARGETS = ("log_suvmax", "log_volume", "log_suvmean_ratio", "bone", "hu_mean")
 DEFAULT_AUX_TARGETS = "log_suvmax,log_volume,log_suvmean_ratio,bone"
+
+#: How an image model turns a lesion into a log-hazard: ``mlp`` (a small MLP on the image embedding,
+#: with the clinical features beside it) or ``concepts`` (a concept bottleneck: linear in the
+#: auxiliary head's predictions of the lesion's measured quantities; docs/METHOD.md, fifth round).
+RISK_HEADS = ("mlp", "concepts")
+DEFAULT_RISK_HEAD = "mlp"
 
 #: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, see psma_lib.models).
 LESION_AGGREGATIONS = ("mean", "max", "sum")

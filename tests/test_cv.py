@@ -148,7 +148,8 @@ def test_checkpoint_round_trip_reproduces_oof(imaging_run, tiny_crops):
     out = imaging_run.out_dir
     state, pre, config = load_checkpoint(out / "checkpoints" / "fold0.safetensors")
     assert config["modality"] == "imaging"
-    model = make_model(CVConfig(**config), pre.n_features)
+    run_config = CVConfig(**config)
+    model = make_model(run_config, pre.n_features)
     model.load_state_dict(state)
     crops = load_crops(tiny_crops)
     oof = imaging_run.oof[imaging_run.oof["fold"] == 0]
@@ -156,7 +157,8 @@ def test_checkpoint_round_trip_reproduces_oof(imaging_run, tiny_crops):
     mask = crops.lesions["patient_id"].isin(ids).to_numpy()
     lesions = crops.lesions[mask].reset_index(drop=True)
     data = SurvivalData(torch.ones(len(ids)), torch.ones(len(ids), dtype=torch.long), None,
-                        image_inputs(crops, crops.lesions, config["backbone"], config["view"])[mask],
+                        image_inputs(crops, crops.lesions, run_config.backbone, run_config.view,
+                                     run_config.channels)[mask],
                         torch.tensor(lesions["patient_id"].map({p: i for i, p in enumerate(ids)}).to_numpy()))
     risk, _ = predict(model, data, config["aggregation"])
     assert np.allclose(risk, oof["risk"].to_numpy(), atol=1e-6)
@@ -410,6 +412,42 @@ def test_control_no_signal_stays_near_half(modality, model, control_crops, tmp_p
     crops, _ = control_crops("none")
     result = run_cv(crops, tmp_path / "cv", CVConfig(modality=modality, model=model, **CONTROL))
     assert abs(_fold_mean(result) - 0.5) < 0.1, result.fold_results
+
+
+def test_lesion_mask_channel_reaches_the_network_and_is_recorded(control_crops, tmp_path):
+    from psma_lib.cv import load_checkpoint
+
+    crops, _ = control_crops("count_free_imaging")
+    config = CVConfig(modality="imaging", channels="pet,ct,mask", **{**CONTROL, "epochs": 1, "folds": 2})
+    result = run_cv(crops, tmp_path / "mask", config)
+    state, _, stored = load_checkpoint(result.out_dir / "checkpoints" / "fold0.safetensors")
+    assert state["encoder.net.conv1.weight"].shape[1] == 3 and stored["channels"] == "pet,ct,mask"
+    assert config.run_defining()["channels"] == "pet,ct,mask"
+    # PET and CT (the default) is what every run made before the option was: its record omits it.
+    assert "channels" not in CVConfig(modality="imaging").run_defining()
+
+
+def test_concepts_head_is_linear_in_the_named_auxiliary_targets(tiny_crops, tmp_path):
+    from psma_lib.cv import load_checkpoint
+
+    config = CVConfig(modality="imaging", head="concepts", aux_targets="log_suvmax,log_volume,bone,hu_mean",
+                      **{**TINY, "epochs": 1})
+    result = run_cv(tiny_crops, tmp_path / "cv", config)
+    state, _, stored = load_checkpoint(result.out_dir / "checkpoints" / "fold0.safetensors")
+    assert state["head.weight"].shape == (1, 4) and stored["head"] == "concepts"
+    assert "head" not in CVConfig(modality="imaging").run_defining()
+    with pytest.raises(InputError, match="head 'concepts' .* aux_weight > 0"):
+        CVConfig(modality="imaging", head="concepts", aux_weight=0).validate()
+
+
+def test_lesion_mask_channel_refused_where_it_cannot_be_had(tiny_crops, tmp_path):
+    for text in ("ct,pet", "pet", "pet,ct,mask,mask", "pet,mask"):
+        with pytest.raises(InputError, match="channels must be pet,ct or pet,ct,mask"):
+            CVConfig(modality="imaging", channels=text).validate()
+    # tiny_crops is a version 1 directory: PET and CT only.
+    with pytest.raises(InputError, match="lesion-mask channel .* crop again"):
+        run_cv(tiny_crops, tmp_path / "cv", CVConfig(modality="imaging", channels="pet,ct,mask", **TINY))
+    assert not (tmp_path / "cv").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

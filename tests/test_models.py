@@ -259,6 +259,23 @@ def test_augmentation_moves_the_lesion_mask_with_the_image_and_never_jitters_it(
     assert not torch.allclose(pet.sum(), x.select(channel + 1, 0).sum())
 
 
+def test_concepts_head_scores_a_lesion_linearly_from_its_auxiliary_predictions():
+    torch.manual_seed(0)
+    model = SurvivalModel("multimodal", "resnet18", n_clinical=3, n_aux=5, head="concepts").eval()
+    bags, patient_clinical = torch.tensor([0, 0, 1, 1]), torch.randn(2, 3)
+    images, clinical = torch.rand(4, 2, 32, 32) * 10, patient_clinical[bags]
+    log_hazard, aux = model.forward_with_aux(images, clinical)
+    expected = torch.cat([aux, clinical], dim=1) @ model.head.weight.T + model.head.bias
+    assert aux.shape == (4, 5) and torch.allclose(log_hazard, expected.squeeze(1), atol=1e-6)
+    # Patient bags score the same lesions the same way before aggregation.
+    risk, _ = model.forward_bags(images, bags, 2, patient_clinical, aggregation="sum")
+    assert torch.allclose(risk, segment_aggregate(log_hazard, bags, 2, "sum"), atol=1e-5)
+    with pytest.raises(InputError, match="needs an image model with auxiliary targets"):
+        SurvivalModel("imaging", "resnet18", head="concepts")
+    with pytest.raises(InputError, match="unknown risk head"):
+        SurvivalModel("imaging", "resnet18", n_aux=2, head="linear")
+
+
 def _tiny_data(n_patients=12, seed=0):
     g = torch.Generator().manual_seed(seed)
     lesion_patient = torch.arange(n_patients).repeat_interleave(2)
