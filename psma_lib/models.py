@@ -236,7 +236,7 @@ class SurvivalModel(nn.Module):
         if attention and self.encoder is not None:
             self.attention_score = nn.Sequential(nn.Linear(image_dim, 64), nn.Tanh(), nn.Linear(64, 1))
         # auxiliary lesion regression (measured lesion quantities, vocabulary.AUX_TARGETS): a regulariser that makes
-        # the embedding encode what the lesion table measures; never part of the log-hazard
+        # the embedding encode what the lesion table measures; part of the log-hazard only with the concepts head
         self.aux_head = nn.Linear(image_dim, n_aux) if n_aux and self.encoder is not None else None
         if head == "concepts":  # a concept bottleneck: linear in what the image is read to measure
             self.head = nn.Linear(n_aux + self.n_clinical, 1)
