@@ -13,12 +13,10 @@ help:
 	@echo "make test   - lint, unit tests, nbval over the chapters, book build + headless-browser check"
 	@echo "make bench  - data-preparation and training-throughput benchmarks (prints figures)"
 
-# pip --no-compile: Python byte-compiles the modules that are imported, on first import, instead of
-# pip compiling all of torch's and the book toolchain's at install (about 35 s on 2 cores).
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install --no-compile -e ".[book,test]"
+	$(PY) -m pip install -e ".[book,test]"
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (psma)" >/dev/null
 	touch $(STAMP)
 
