@@ -216,6 +216,11 @@ def test_pretrained_imagenet_stem_adapted_by_averaging(tmp_path):
         expected = reference.conv1.weight.mean(dim=1, keepdim=True)
         assert torch.equal(conv[:, :1], expected) and torch.equal(conv[:, 1:], expected)
         assert torch.equal(model.encoder.net.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    # With the lesion-mask channel the stem has 3 inputs, as RGB does: still averaged, never RGB -> PET/CT/mask.
+    masked = SurvivalModel("imaging", "resnet18", in_channels=3)
+    load_pretrained(masked, tmp_path / "r18.safetensors")
+    expected = reference.conv1.weight.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+    assert torch.equal(masked.encoder.net.conv1.weight, expected)
     with pytest.raises(InputError, match="not found"):
         load_pretrained(SurvivalModel("imaging", "resnet18"), tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
