@@ -55,7 +55,7 @@ from psma_lib.models import segment_aggregate
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import Spec, count_free, generate_cohort, load_truth
-from psma_lib.vocabulary import input_channels
+from psma_lib.vocabulary import AUX_TARGETS, input_channels
 
 
 def cohort_name(seed: int, patients: int) -> str:
@@ -102,9 +102,6 @@ def fold_cox(oof: pd.DataFrame, features: pd.DataFrame, columns: list[str]) -> n
     return risk
 
 
-LESION_QUANTITIES = ("log_suvmax", "log_volume", "log_suvmean_ratio", "bone", "hu_mean")
-
-
 def _lesion_sum_risk(x: torch.Tensor, w: torch.Tensor, bags: torch.Tensor, n_patients: int) -> torch.Tensor:
     return segment_aggregate(x @ w, bags, n_patients, "sum").double()
 
@@ -127,9 +124,9 @@ def _fit_lesion_sum(x: torch.Tensor, bags: torch.Tensor, train: np.ndarray, time
 
 def fold_lesion_sum_cox(oof: pd.DataFrame, lesions: pd.DataFrame, ridge: float = 0.01) -> np.ndarray:
     """Out-of-fold patient risks ``log Σₗ exp(w·zₗ)`` with zₗ a lesion's measured quantities
-    (:data:`LESION_QUANTITIES`, standardised on the training lesions, unknown -> 0) and w fitted
+    (:data:`~psma_lib.vocabulary.AUX_TARGETS`, standardised on the training lesions, unknown -> 0) and w fitted
     by L-BFGS on the Cox partial likelihood of each training fold's patients (ridge penalty)."""
-    z = lesion_target_values(lesions, LESION_QUANTITIES)
+    z = lesion_target_values(lesions, AUX_TARGETS)
     bag = lesions["patient_id"].map({p: i for i, p in enumerate(oof["patient_id"])}).to_numpy()
     bags = torch.tensor(bag)
     time_, event = (torch.tensor(oof[c].to_numpy(), dtype=torch.float64) for c in ("pfs_months", "event"))

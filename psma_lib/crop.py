@@ -1051,7 +1051,7 @@ class CropSet:
     @property
     def has_mask_channel(self) -> bool:
         """True where the crops carry the lesion-mask channel (format version 3)."""
-        return int(self.images.shape[1]) > 2
+        return int(self.images.shape[1]) == len(CROP_CHANNELS)
 
     @property
     def synthetic(self) -> bool:

@@ -78,6 +78,7 @@ from .vocabulary import (
     DEFAULT_VIEW,
     MODALITIES,
     MODEL_KINDS,
+    PET_CT,
     RISK_HEADS,
     VIEWS,
     input_channels,
@@ -195,7 +196,7 @@ class CVConfig:
         ``channels`` and ``head`` are left out at PET and CT and ``mlp``, what every run made
         before they existed had, so those runs' records and cached folders stay the same run."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
-        if input_channels(self.channels) == ("pet", "ct"):
+        if input_channels(self.channels) == PET_CT:
             del fields["channels"]
         if self.head == "mlp":
             del fields["head"]
@@ -331,7 +332,7 @@ def image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str,
     """
     where = str(crops.root) if crops.root is not None else "crops"
     n_channels = len(input_channels(channels))
-    if n_channels > 2 and not crops.has_mask_channel:
+    if n_channels > len(PET_CT) and not crops.has_mask_channel:
         raise InputError("the lesion-mask channel was asked for (channels pet,ct,mask) but these crops have "
                          "none (cropped before format version 3): crop again with psma-pfs crop", file=where)
     if backbone in BACKBONES_3D:

@@ -50,8 +50,10 @@ from .vocabulary import (
     BACKBONES_3D,
     CLINICAL_COLUMNS,
     DEFAULT_AGGREGATION,
+    INPUT_CHANNELS,
     LESION_AGGREGATIONS,
     MODALITIES,
+    PET_CT,
     RISK_HEADS,
     VIEWS,
 )
@@ -174,9 +176,9 @@ class ImageEncoder(nn.Module):
             raise InputError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
         if view not in VIEWS:
             raise InputError(f"unknown view {view!r}; choose one of {VIEWS}")
-        if in_channels not in (2, 3):
-            raise InputError(f"an image model takes 2 (PET, CT) or 3 (and the lesion mask) channels, "
-                             f"got {in_channels}")
+        if in_channels not in (len(PET_CT), len(INPUT_CHANNELS)):
+            raise InputError(f"an image model takes {len(PET_CT)} (PET, CT) or {len(INPUT_CHANNELS)} (and the "
+                             f"lesion mask) channels, got {in_channels}")
         self.backbone_name, self.view, self.in_channels = backbone, view, in_channels
         self.is_3d = backbone in BACKBONES_3D
         if self.is_3d:

@@ -60,6 +60,8 @@ DEFAULT_VIEW = "orthogonal"
 #: What an image model may be given of each crop (its channels, in this order): the PET, the CT
 #: and the lesion's own mask (crops directories of format version 3).
 INPUT_CHANNELS = ("pet", "ct", "mask")
+#: The channels every image model is given (and all that crops of format versions 1 and 2 hold).
+PET_CT = INPUT_CHANNELS[:2]
 #: docs/METHOD.md, "Fourth round": PET and CT only unless the pre-registered test says otherwise.
 DEFAULT_INPUT_CHANNELS = "pet,ct"
 
@@ -72,8 +74,8 @@ def input_channels(text: str) -> tuple[str, ...]:
     ('pet', 'ct', 'mask')
     """
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if names not in (INPUT_CHANNELS[:2], INPUT_CHANNELS):
-        raise InputError(f"channels must be {','.join(INPUT_CHANNELS[:2])} or {','.join(INPUT_CHANNELS)}; "
+    if names not in (PET_CT, INPUT_CHANNELS):
+        raise InputError(f"channels must be {','.join(PET_CT)} or {','.join(INPUT_CHANNELS)}; "
                          f"got {text!r}")
     return names
 
