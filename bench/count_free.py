@@ -143,10 +143,11 @@ def fold_lesion_sum_cox(oof: pd.DataFrame, lesions: pd.DataFrame, ridge: float =
 
 def variant_name(config: CVConfig) -> str:
     """The run folder's suffix: the view, the auxiliary targets, any input channel beyond PET and
-    CT and a risk head other than the MLP (the variants compared here)."""
+    CT, a risk head other than the MLP and a stem other than the standard one (the variants compared here)."""
     extra = [c for c in input_channels(config.channels) if c not in ("pet", "ct")]
     head = [] if config.head == "mlp" else [f"head_{config.head}"]
-    return "-".join([config.view, "aux", *config.aux_targets.split(","), *extra, *head])
+    stem = [] if config.stem == CVConfig.stem else [f"stem_{config.stem}"]
+    return "-".join([config.view, "aux", *config.aux_targets.split(","), *extra, *head, *stem])
 
 
 DEFAULT_PATIENTS = 150
@@ -199,6 +200,7 @@ def main() -> None:
                         help="the imaging model's auxiliary lesion targets (psma-pfs cv --aux-targets)")
     parser.add_argument("--view", default=CVConfig().view, help="axial or orthogonal (psma-pfs cv --view)")
     parser.add_argument("--head", default=CVConfig().head, help="mlp or concepts (psma-pfs cv --head)")
+    parser.add_argument("--stem", default=CVConfig().stem, help="standard or no-maxpool (psma-pfs cv --stem)")
     parser.add_argument("--channels", default=CVConfig().channels,
                         help="pet,ct or pet,ct,mask (psma-pfs cv --channels)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -206,7 +208,7 @@ def main() -> None:
     args = parser.parse_args()
     config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, num_threads=args.threads,
                       aux_targets=args.aux_targets, view=args.view, channels=args.channels,
-                      head=args.head,
+                      head=args.head, stem=args.stem,
                       progress=False)
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)

@@ -75,11 +75,13 @@ from .vocabulary import (
     DEFAULT_BACKBONE,
     DEFAULT_INPUT_CHANNELS,
     DEFAULT_RISK_HEAD,
+    DEFAULT_STEM,
     DEFAULT_VIEW,
     MODALITIES,
     MODEL_KINDS,
     PET_CT,
     RISK_HEADS,
+    STEMS,
     VIEWS,
     input_channels,
     model_kinds_for,
@@ -128,6 +130,7 @@ class CVConfig:
     view: str = DEFAULT_VIEW
     channels: str = DEFAULT_INPUT_CHANNELS  # comma-separated vocabulary.INPUT_CHANNELS, in that order
     head: str = DEFAULT_RISK_HEAD  # vocabulary.RISK_HEADS: mlp on the embedding, or concepts
+    stem: str = DEFAULT_STEM  # vocabulary.STEMS: the 2D ResNet's stem with or without its max-pool
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
     weights: str | None = None
@@ -184,6 +187,10 @@ class CVConfig:
         input_channels(self.channels)
         if self.head not in RISK_HEADS:
             raise InputError(f"unknown risk head {self.head!r}; choose one of {RISK_HEADS}")
+        if self.stem not in STEMS:
+            raise InputError(f"unknown stem {self.stem!r}; choose one of {STEMS}")
+        if self.stem != DEFAULT_STEM and (self.model != "resnet" or self.backbone in BACKBONES_3D):
+            raise InputError(f"stem {self.stem!r} is for the 2D ResNets, not {self.backbone or self.model}")
         if self.head == "concepts" and (self.model != "resnet" or self.aux_weight <= 0):
             raise InputError("head 'concepts' scores a lesion from its predicted auxiliary targets: it needs a "
                              "resnet model with aux_weight > 0")
@@ -193,13 +200,15 @@ class CVConfig:
     def run_defining(self) -> dict:
         """The fields that change results (resume refuses a different run in the same folder).
 
-        ``channels`` and ``head`` are left out at PET and CT and ``mlp``, what every run made
-        before they existed had, so those runs' records and cached folders stay the same run."""
+        ``channels``, ``head`` and ``stem`` are left out at PET and CT, ``mlp`` and ``standard``, what
+        every run made before they existed had, so those runs' records and cached folders stay the same run."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
         if input_channels(self.channels) == PET_CT:
             del fields["channels"]
         if self.head == "mlp":
             del fields["head"]
+        if self.stem == DEFAULT_STEM:
+            del fields["stem"]
         return fields
 
 
@@ -477,6 +486,7 @@ def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
     return SurvivalModel(config.modality, config.backbone if image_model else "resnet18",
                          n_clinical=n_clinical, view=config.view,
                          in_channels=len(input_channels(config.channels)), head=config.head,
+                         stem=config.stem,
                          attention=config.aggregation == "attention" and image_model,
                          n_aux=len(aux_target_names(config.aux_targets)) if config.aux_weight > 0 and image_model else 0)
 
@@ -874,6 +884,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--head", choices=RISK_HEADS, default=d.head,
                    help="lesion log-hazard from the image embedding (mlp) or linearly from the predicted "
                         "auxiliary targets (concepts, a concept bottleneck)")
+    p.add_argument("--stem", choices=STEMS, default=d.stem,
+                   help="2D ResNet stem: standard (torchvision's, with its max-pool) or no-maxpool (twice the "
+                        "resolution in the residual stages, about 2.4x the compute)")
     p.add_argument("--channels", default=d.channels,
                    help=f"image channels: pet,ct or pet,ct,mask (the lesion's own mask; crops of format "
                         f"version 3) (default {d.channels})")

@@ -50,11 +50,13 @@ from .vocabulary import (
     BACKBONES_3D,
     CLINICAL_COLUMNS,
     DEFAULT_AGGREGATION,
+    DEFAULT_STEM,
     INPUT_CHANNELS,
     LESION_AGGREGATIONS,
     MODALITIES,
     PET_CT,
     RISK_HEADS,
+    STEMS,
     VIEWS,
 )
 
@@ -168,9 +170,16 @@ class ImageEncoder(nn.Module):
     torch.Size([2, 512])
     >>> ImageEncoder("resnet18", "orthogonal", in_channels=3)(torch.zeros(2, 3, 3, 32, 32)).shape
     torch.Size([2, 512])
+
+    ``stem="no-maxpool"`` (:data:`~psma_lib.vocabulary.STEMS`, 2D only) drops the stem's max-pool,
+    so the residual stages see twice the resolution:
+
+    >>> ImageEncoder("resnet18", stem="no-maxpool").net.maxpool
+    Identity()
     """
 
-    def __init__(self, backbone: str = "resnet18", view: str = "axial", in_channels: int = 2):
+    def __init__(self, backbone: str = "resnet18", view: str = "axial", in_channels: int = 2,
+                 stem: str = DEFAULT_STEM):
         super().__init__()
         if backbone not in BACKBONES:
             raise InputError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
@@ -179,14 +188,20 @@ class ImageEncoder(nn.Module):
         if in_channels not in (len(PET_CT), len(INPUT_CHANNELS)):
             raise InputError(f"an image model takes {len(PET_CT)} (PET, CT) or {len(INPUT_CHANNELS)} (and the "
                              f"lesion mask) channels, got {in_channels}")
-        self.backbone_name, self.view, self.in_channels = backbone, view, in_channels
+        if stem not in STEMS:
+            raise InputError(f"unknown stem {stem!r}; choose one of {STEMS}")
+        self.backbone_name, self.view, self.in_channels, self.stem = backbone, view, in_channels, stem
         self.is_3d = backbone in BACKBONES_3D
+        if self.is_3d and stem != DEFAULT_STEM:
+            raise InputError(f"stem {stem!r} is for the 2D ResNets: {backbone}'s stem has no max-pool")
         if self.is_3d:
             net = torchvision.models.video.r3d_18(weights=None)
             net.stem[0] = _stem_conv(net.stem[0], in_channels)
         else:
             net = getattr(torchvision.models, backbone)(weights=None)
             net.conv1 = _stem_conv(net.conv1, in_channels)
+            if stem == "no-maxpool":  # no parameters: pretrained weights load the same
+                net.maxpool = nn.Identity()
         self.dim = net.fc.in_features
         net.fc = nn.Identity()
         self.net = net
@@ -220,7 +235,7 @@ class SurvivalModel(nn.Module):
 
     def __init__(self, modality: str, backbone: str = "resnet18", *, n_clinical: int = 0,
                  view: str = "axial", hidden: int = 32, dropout: float = 0.2, attention: bool = False,
-                 n_aux: int = 0, in_channels: int = 2, head: str = "mlp"):
+                 n_aux: int = 0, in_channels: int = 2, head: str = "mlp", stem: str = DEFAULT_STEM):
         super().__init__()
         if modality not in MODALITIES:
             raise InputError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
@@ -233,7 +248,7 @@ class SurvivalModel(nn.Module):
                              "model with auxiliary targets (n_aux > 0)")
         self.modality, self.attention, self.head_kind = modality, attention, head
         self.n_clinical = n_clinical if modality != "imaging" else 0
-        self.encoder = ImageEncoder(backbone, view, in_channels) if modality != "clinical" else None
+        self.encoder = ImageEncoder(backbone, view, in_channels, stem) if modality != "clinical" else None
         image_dim = self.encoder.dim if self.encoder is not None else 0
         if attention and self.encoder is not None:
             self.attention_score = nn.Sequential(nn.Linear(image_dim, 64), nn.Tanh(), nn.Linear(64, 1))

@@ -93,6 +93,13 @@ DEFAULT_AUX_TARGETS = "log_suvmax,log_volume,log_suvmean_ratio,bone"
 RISK_HEADS = ("mlp", "concepts")
 DEFAULT_RISK_HEAD = "mlp"
 
+#: The 2D ResNet's stem: ``standard`` (torchvision's stride-2 convolution and stride-2 max-pool, so
+#: the first residual stage sees a quarter of the input resolution: 6 x 6 for 24 x 24 planes) or
+#: ``no-maxpool`` (the max-pool removed: half the resolution, 12 x 12, about the PET's own 4 mm
+#: voxels over a 48 mm crop; about 2.4x the compute per plane; docs/METHOD.md, sixth round).
+STEMS = ("standard", "no-maxpool")
+DEFAULT_STEM = "standard"
+
 #: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, see psma_lib.models).
 LESION_AGGREGATIONS = ("mean", "max", "sum")
 #: ... plus ``attention``: a patient-level model pooling lesion embeddings with learned weights.

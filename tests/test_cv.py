@@ -440,6 +440,18 @@ def test_concepts_head_is_linear_in_the_named_auxiliary_targets(tiny_crops, tmp_
         CVConfig(modality="imaging", head="concepts", aux_weight=0).validate()
 
 
+def test_stem_reaches_the_network_and_is_recorded(tiny_crops, tmp_path):
+    config = CVConfig(modality="imaging", stem="no-maxpool", **{**TINY, "epochs": 1})
+    result = run_cv(tiny_crops, tmp_path / "cv", config)
+    _, _, stored = load_checkpoint(result.out_dir / "checkpoints" / "fold0.safetensors")
+    assert stored["stem"] == "no-maxpool" and result.config.stem == "no-maxpool"
+    assert isinstance(make_model(result.config, 0).encoder.net.maxpool, torch.nn.Identity)
+    # the standard stem is what every run made before the option was: its record omits it
+    assert "stem" not in CVConfig(modality="imaging").run_defining()
+    with pytest.raises(InputError, match="stem 'no-maxpool' is for the 2D ResNets"):
+        CVConfig(modality="imaging", backbone="r3d_18", stem="no-maxpool").validate()
+
+
 def test_lesion_mask_channel_refused_where_it_cannot_be_had(tiny_crops, tmp_path):
     for text in ("ct,pet", "pet", "pet,ct,mask,mask", "pet,mask"):
         with pytest.raises(InputError, match="channels must be pet,ct or pet,ct,mask"):

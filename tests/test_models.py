@@ -312,6 +312,24 @@ def test_fit_is_deterministic_on_cpu(modality, attention):
     assert np.isfinite(outs[0][0]).all() and len(outs[0][0]) == data.n_patients
 
 
+@pytest.mark.parametrize("stem,side", [("standard", 6), ("no-maxpool", 12)])
+def test_stem_sets_the_resolution_of_the_first_residual_stage(stem, side):
+    """24 x 24 planes (the quick profile's 48 mm / 2 mm): a quarter of the side with torchvision's
+    stem, half without its max-pool -- on every plane of the orthogonal view."""
+    encoder = ImageEncoder("resnet18", "orthogonal", stem=stem)
+    seen = []
+    encoder.net.layer1.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+    assert encoder(torch.zeros(2, 3, 2, 24, 24)).shape == (2, 512)
+    assert seen == [torch.Size([6, 64, side, side])]
+
+
+def test_stem_refused_where_it_has_no_meaning():
+    with pytest.raises(InputError, match="unknown stem"):
+        ImageEncoder("resnet18", stem="cifar")
+    with pytest.raises(InputError, match="r3d_18's stem has no max-pool"):
+        ImageEncoder("r3d_18", stem="no-maxpool")
+
+
 def test_image_encoder_rejects_unknown_backbone():
     with pytest.raises(InputError, match="unknown backbone"):
         ImageEncoder("vgg16")
