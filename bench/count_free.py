@@ -55,7 +55,7 @@ from psma_lib.models import segment_aggregate
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import Spec, count_free, generate_cohort, load_truth
-from psma_lib.vocabulary import AUX_TARGETS, input_channels
+from psma_lib.vocabulary import AUX_TARGETS, STEMS, input_channels
 
 
 def cohort_name(seed: int, patients: int) -> str:
@@ -143,11 +143,13 @@ def fold_lesion_sum_cox(oof: pd.DataFrame, lesions: pd.DataFrame, ridge: float =
 
 def variant_name(config: CVConfig) -> str:
     """The run folder's suffix: the view, the auxiliary targets, any input channel beyond PET and
-    CT, a risk head other than the MLP and a stem other than the standard one (the variants compared here)."""
+    CT, a risk head other than the MLP, a stem other than the standard one and a lesion aggregation
+    other than ``sum`` (the variants compared here)."""
     extra = [c for c in input_channels(config.channels) if c not in ("pet", "ct")]
     head = [] if config.head == "mlp" else [f"head_{config.head}"]
-    stem = [] if config.stem == CVConfig.stem else [f"stem_{config.stem}"]
-    return "-".join([config.view, "aux", *config.aux_targets.split(","), *extra, *head, *stem])
+    stem = [] if config.stem == STEMS[0] else [f"stem_{config.stem}"]
+    aggregation = [] if config.aggregation == "sum" else [f"agg_{config.aggregation}"]
+    return "-".join([config.view, "aux", *config.aux_targets.split(","), *extra, *head, *stem, *aggregation])
 
 
 DEFAULT_PATIENTS = 150
@@ -200,6 +202,8 @@ def main() -> None:
                         help="the imaging model's auxiliary lesion targets (psma-pfs cv --aux-targets)")
     parser.add_argument("--view", default=CVConfig().view, help="axial or orthogonal (psma-pfs cv --view)")
     parser.add_argument("--head", default=CVConfig().head, help="mlp or concepts (psma-pfs cv --head)")
+    parser.add_argument("--aggregation", default=CVConfig().aggregation,
+                        help="lesion log-hazards -> patient risk (psma-pfs cv --aggregation)")
     parser.add_argument("--stem", default=CVConfig().stem, help="standard or no-maxpool (psma-pfs cv --stem)")
     parser.add_argument("--channels", default=CVConfig().channels,
                         help="pet,ct or pet,ct,mask (psma-pfs cv --channels)")
@@ -208,7 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, num_threads=args.threads,
                       aux_targets=args.aux_targets, view=args.view, channels=args.channels,
-                      head=args.head, stem=args.stem,
+                      head=args.head, stem=args.stem, aggregation=args.aggregation,
                       progress=False)
     rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
     table = pd.DataFrame(rows)

@@ -207,7 +207,7 @@ class CVConfig:
             del fields["channels"]
         if self.head == "mlp":
             del fields["head"]
-        if self.stem == DEFAULT_STEM:
+        if self.stem == STEMS[0]:
             del fields["stem"]
         return fields
 

@@ -24,7 +24,10 @@ clinical features -> one log-hazard).
 Lesions -> patient (:func:`aggregate_lesion_risks`): ``sum`` (the default of ``psma-pfs cv`` and
 the book: the patient's hazard is the sum of the lesions' hazards, ``log sum_l exp(h_l)``;
 independent lesions' hazards add, so burden — how many lesions, not only how bad the worst one
-is — enters the risk), ``mean`` (every lesion counts equally, robust to one noisy lesion) or
+is — enters the risk), ``geometric`` (``log n + mean_l h_l``: the summed hazard of n lesions
+each at the geometric mean of their hazards; the same as ``sum`` when the lesions' hazards are
+equal, so the count enters alike, but it averages the lesions' scores where ``sum`` soft-maxes
+them), ``mean`` (every lesion counts equally, robust to one noisy lesion) or
 ``max`` (the most aggressive lesion drives the risk). On the default synthetic cohort (quick
 profile, imaging ResNet-18, 20 epochs) the pooled out-of-fold C-index was 0.73 with ``sum``
 against 0.50 (``mean``) and 0.59 (``max``) for 20 epochs with lesion-level training. ``attention``:
@@ -343,13 +346,16 @@ def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags:
     [3.127, 0.5]
     >>> segment_aggregate(h, bag, 2, "mean").tolist()
     [2.0, 0.5]
+    >>> [round(v, 3) for v in segment_aggregate(h, bag, 2, "geometric").tolist()]
+    [2.693, 0.5]
     """
     if how not in LESION_AGGREGATIONS:
         raise InputError(f"unknown lesion aggregation {how!r}; choose one of {LESION_AGGREGATIONS}")
     h = log_hazard.float()
-    if how == "mean":
+    if how in ("mean", "geometric"):
         counts = torch.zeros(n_bags, device=h.device).index_add(0, bag_index, torch.ones_like(h))
-        return torch.zeros(n_bags, device=h.device).index_add(0, bag_index, h) / counts
+        mean = torch.zeros(n_bags, device=h.device).index_add(0, bag_index, h) / counts
+        return mean if how == "mean" else mean + torch.log(counts)
     peak = torch.full((n_bags,), -torch.inf, device=h.device).scatter_reduce(
         0, bag_index, h, reduce="amax", include_self=True)
     if how == "max":
@@ -361,19 +367,25 @@ def segment_aggregate(log_hazard: torch.Tensor, bag_index: torch.Tensor, n_bags:
 
 def aggregate_lesion_risks(lesions: pd.DataFrame, how: str = DEFAULT_AGGREGATION, column: str = "log_hazard",
                            by: str = "patient_id") -> pd.Series:
-    """Patient risk from lesion log-hazards: ``sum`` (the pipeline's default), ``mean`` or ``max``.
+    """Patient risk from lesion log-hazards: ``sum`` (the pipeline's default), ``geometric``, ``mean``
+    or ``max``.
 
-    ``sum`` is the log of the summed hazards, ``log sum_l exp(h_l)`` (computed stably).
+    ``sum`` is the log of the summed hazards, ``log sum_l exp(h_l)`` (computed stably);
+    ``geometric`` is ``log n + mean_l h_l`` (n lesions at the geometric mean of their hazards).
 
     >>> df = pd.DataFrame({"patient_id": ["a", "a", "b"], "log_hazard": [1.0, 3.0, 0.5]})
     >>> aggregate_lesion_risks(df).round(3).to_dict()
     {'a': 3.127, 'b': 0.5}
     >>> aggregate_lesion_risks(df, "mean").to_dict()
     {'a': 2.0, 'b': 0.5}
+    >>> aggregate_lesion_risks(df, "geometric").round(3).to_dict()
+    {'a': 2.693, 'b': 0.5}
     """
     if how not in LESION_AGGREGATIONS:
         raise InputError(f"unknown lesion aggregation {how!r}; choose one of {LESION_AGGREGATIONS}")
     groups = lesions.groupby(by, sort=True)[column]
+    if how == "geometric":
+        return groups.mean() + np.log(groups.size())
     if how != "sum":
         return groups.agg(how)
     peak = groups.transform("max")

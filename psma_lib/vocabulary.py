@@ -100,8 +100,9 @@ DEFAULT_RISK_HEAD = "mlp"
 STEMS = ("standard", "no-maxpool")
 DEFAULT_STEM = "standard"
 
-#: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, see psma_lib.models).
-LESION_AGGREGATIONS = ("mean", "max", "sum")
+#: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, ``geometric`` = log of
+#: the count plus the mean log-hazard; see psma_lib.models).
+LESION_AGGREGATIONS = ("mean", "max", "sum", "geometric")
 #: ... plus ``attention``: a patient-level model pooling lesion embeddings with learned weights.
 AGGREGATIONS = (*LESION_AGGREGATIONS, "attention")
 DEFAULT_AGGREGATION = "sum"

@@ -130,6 +130,10 @@ def test_aggregation_mean_max_and_sum_against_scipy_logsumexp():
     lesions = pd.DataFrame({"patient_id": ["b", "a", "a", "b"], "log_hazard": [0.5, 1.0, 3.0, -1.5]})
     assert aggregate_lesion_risks(lesions, "mean").to_dict() == {"a": 2.0, "b": -0.5}
     assert aggregate_lesion_risks(lesions, "max").to_dict() == {"a": 3.0, "b": 0.5}
+    geometric = aggregate_lesion_risks(lesions, "geometric")  # log n + mean h = log(n * geometric mean hazard)
+    assert np.allclose(geometric.to_numpy(), np.log([2 * np.sqrt(np.e * np.e**3), 2 * np.sqrt(np.e**0.5 * np.e**-1.5)]))
+    equal = pd.DataFrame({"patient_id": ["a", "a", "a"], "log_hazard": [0.7, 0.7, 0.7]})  # equal hazards: = sum
+    assert np.isclose(aggregate_lesion_risks(equal, "geometric")["a"], aggregate_lesion_risks(equal, "sum")["a"])
     summed = aggregate_lesion_risks(lesions, "sum")
     assert np.isclose(summed["a"], logsumexp([1.0, 3.0])) and np.isclose(summed["b"], logsumexp([0.5, -1.5]))
     # stable where a naive log(sum(exp)) overflows
@@ -139,7 +143,7 @@ def test_aggregation_mean_max_and_sum_against_scipy_logsumexp():
         aggregate_lesion_risks(lesions, "median")
 
 
-@pytest.mark.parametrize("how", ["mean", "max", "sum"])
+@pytest.mark.parametrize("how", ["mean", "max", "sum", "geometric"])
 def test_segment_aggregate_matches_the_pandas_aggregation(how):
     rng = np.random.default_rng(0)
     bag = torch.tensor([2, 0, 1, 0, 2, 2, 1])
@@ -153,6 +157,9 @@ def test_segment_aggregate_matches_the_pandas_aggregation(how):
         weights = torch.cat([torch.softmax(h.detach()[bag == b], 0) for b in range(3)])
         order = torch.cat([torch.nonzero(bag == b).flatten() for b in range(3)])
         assert torch.allclose(h.grad[order].float(), weights.float(), atol=1e-5)
+    if how == "geometric":  # d (log n + mean h) / d h_l = 1 / n
+        sizes = torch.bincount(bag).double()
+        assert torch.allclose(h.grad, 1 / sizes[bag], atol=1e-6)
 
 
 def test_patient_bags_score_lesions_then_aggregate():
