@@ -55,7 +55,7 @@ from psma_lib.models import segment_aggregate
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import Spec, count_free, generate_cohort, load_truth
-from psma_lib.vocabulary import AUX_TARGETS, STEMS, input_channels
+from psma_lib.vocabulary import AUX_TARGETS, input_channels
 
 
 def cohort_name(seed: int, patients: int) -> str:
@@ -147,7 +147,7 @@ def variant_name(config: CVConfig) -> str:
     other than ``sum`` (the variants compared here)."""
     extra = [c for c in input_channels(config.channels) if c not in ("pet", "ct")]
     head = [] if config.head == "mlp" else [f"head_{config.head}"]
-    stem = [] if config.stem == STEMS[0] else [f"stem_{config.stem}"]
+    stem = [] if config.stem == "standard" else [f"stem_{config.stem}"]
     aggregation = [] if config.aggregation == "sum" else [f"agg_{config.aggregation}"]
     return "-".join([config.view, "aux", *config.aux_targets.split(","), *extra, *head, *stem, *aggregation])
 

@@ -189,7 +189,7 @@ class CVConfig:
             raise InputError(f"unknown risk head {self.head!r}; choose one of {RISK_HEADS}")
         if self.stem not in STEMS:
             raise InputError(f"unknown stem {self.stem!r}; choose one of {STEMS}")
-        if self.stem != DEFAULT_STEM and (self.model != "resnet" or self.backbone in BACKBONES_3D):
+        if self.stem != "standard" and (self.model != "resnet" or self.backbone in BACKBONES_3D):
             raise InputError(f"stem {self.stem!r} is for the 2D ResNets, not {self.backbone or self.model}")
         if self.head == "concepts" and (self.model != "resnet" or self.aux_weight <= 0):
             raise InputError("head 'concepts' scores a lesion from its predicted auxiliary targets: it needs a "
@@ -207,7 +207,7 @@ class CVConfig:
             del fields["channels"]
         if self.head == "mlp":
             del fields["head"]
-        if self.stem == STEMS[0]:
+        if self.stem == "standard":
             del fields["stem"]
         return fields
 

@@ -195,7 +195,7 @@ class ImageEncoder(nn.Module):
             raise InputError(f"unknown stem {stem!r}; choose one of {STEMS}")
         self.backbone_name, self.view, self.in_channels, self.stem = backbone, view, in_channels, stem
         self.is_3d = backbone in BACKBONES_3D
-        if self.is_3d and stem != DEFAULT_STEM:
+        if self.is_3d and stem != "standard":
             raise InputError(f"stem {stem!r} is for the 2D ResNets: {backbone}'s stem has no max-pool")
         if self.is_3d:
             net = torchvision.models.video.r3d_18(weights=None)
