@@ -258,7 +258,7 @@ def run_label(config) -> str:
 
 def cv_config_table(config) -> pd.DataFrame:
     """A run's :class:`psma_lib.cv.CVConfig` as a short two-column table."""
-    keep = ("modality", "model", "backbone", "view", "channels", "head", "aggregation", "unit", "aux_targets", "aux_weight",
+    keep = ("modality", "model", "backbone", "view", "channels", "head", "stem", "aggregation", "unit", "aux_targets", "aux_weight",
             "selection", "epochs", "batch_size", "lr", "weight_decay", "val_fraction", "patience", "augment",
             "folds", "seed", "device")
     values = [getattr(config, k) for k in keep]
