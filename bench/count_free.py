@@ -22,8 +22,9 @@ this prints, on the same patient-grouped folds (fold mean of the patient-level C
 * the lesion-level truth recovery: Spearman of the out-of-fold lesion log-hazards with necrosis,
   partial given volume and SUVmax.
 
-Usage (about 7 minutes per seed with one torch thread, two invocations side by side on 2 CPU
-cores; generating and cropping a new cohort adds about 100 s; ``--patients 300`` doubles both)::
+Usage (about 25 minutes per seed with one torch thread and the default stem, two invocations side
+by side on 2 CPU cores; about 9 with ``--stem standard``; generating and cropping a new cohort adds
+about 100 s; ``--patients 300`` doubles both)::
 
     .venv/bin/python bench/count_free.py --seeds 7 8 9 --threads 1
 
@@ -224,9 +225,8 @@ def main() -> None:
     print(f"mean over seeds: imaging {table['imaging_resnet18'].mean():.3f}, oracle {table['oracle'].mean():.3f}, "
           f"noise {table['noise_mean'].mean():.3f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    default = variant_name(config) == variant_name(CVConfig())
     size = "" if args.patients == DEFAULT_PATIENTS else f"-n{args.patients}"
-    path = args.out / (f"count_free{size}.json" if default else f"count_free-{variant_name(config)}{size}.json")
+    path = args.out / f"count_free-{variant_name(config)}{size}.json"  # named by variant: defaults change
     # Seeds run earlier with this variant are kept: one record per variant, one row per seed.
     earlier = json.loads(path.read_text())["rows"] if path.is_file() else []
     rows = sorted([r for r in earlier if r["seed"] not in args.seeds] + rows, key=lambda r: r["seed"])

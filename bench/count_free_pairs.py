@@ -5,8 +5,12 @@ variants also needs the difference on the same patients and folds with its paire
 This reads the two variants' run folders (``cv-seed<S>-<E>ep-<variant>`` under ``--root``) and
 prints :func:`psma_lib.comparison.delta_table` per seed: nothing is trained or generated.
 
-    python bench/count_free_pairs.py --seeds 19 20 21 \
-        --candidate orthogonal-aux-log_suvmax-log_volume-log_suvmean_ratio-bone-agg_geometric
+    python bench/count_free_pairs.py --seeds 22 23 24 25 \
+        --candidate orthogonal-aux-log_suvmax-log_volume-log_suvmean_ratio-bone-stem_no-maxpool \
+        --baseline orthogonal-aux-log_suvmax-log_volume-log_suvmean_ratio-bone
+
+The folder suffixes are :func:`count_free.variant_name`'s; ``--baseline`` defaults to today's
+default configuration, so a decision made against an earlier default names that one.
 """
 
 from __future__ import annotations

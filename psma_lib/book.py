@@ -26,6 +26,7 @@ from .crop import CropSet
 from .errors import InputError
 from .vocabulary import (
     BACKBONES,
+    BACKBONES_2D,
     DEFAULT_AGGREGATION,
     DEFAULT_BACKBONE,
     MODALITIES,
@@ -51,6 +52,9 @@ class Profile:
     patients), so it gets its own, longer schedule: ``clinical_epochs`` at ``clinical_lr``.
     ``repeats``: how many times chapter 6 repeats the whole cross-validation with new fold seeds
     (``seed``, ``seed + 1``, ...) to show how much the fold mean depends on the split.
+    ``stem``: the 2D ResNets' stem (None: :data:`psma_lib.vocabulary.DEFAULT_STEM`, without the
+    max-pool); ``ci`` and ``quick`` keep torchvision's ``standard`` stem, whose residual stages
+    cost about 2.4x less on a CPU (docs/METHOD.md, eighth round).
     """
 
     name: str
@@ -65,18 +69,19 @@ class Profile:
     clinical_epochs: int = 300
     clinical_lr: float = 1e-2
     repeats: int = 1
+    stem: str | None = None
     description: str = ""
 
 
 PROFILES: dict[str, Profile] = {
     "ci": Profile(
         name="ci", patients=30, size_mm=48.0, spacing_mm=3.0, epochs=2,
-        backbones=("resnet18",), n_bootstrap=200,
+        backbones=("resnet18",), n_bootstrap=200, stem="standard",
         description="smallest: every chapter, table and figure in a few minutes on 2 CPU cores",
     ),
     "quick": Profile(
         name="quick", patients=99, size_mm=48.0, spacing_mm=2.0, epochs=20,
-        backbones=("resnet18",),
+        backbones=("resnet18",), stem="standard",
         description="the default: the whole 99-patient cohort, ResNet-18, few epochs (CPU)",
     ),
     "paper": Profile(
@@ -234,8 +239,9 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
     common = dict(modality=modality, model=model, folds=s.folds, seed=s.seed + repeat, device=s.device,
                   n_bootstrap=s.n_bootstrap, progress=s.show_progress)
     if model == "resnet":
-        return CVConfig(**common, backbone=backbone or s.main_backbone, epochs=s.epochs,
-                        aggregation=prof.aggregation)
+        backbone = backbone or s.main_backbone
+        stem = prof.stem if backbone in BACKBONES_2D else None  # r3d_18 has no stem to choose
+        return CVConfig(**common, backbone=backbone, epochs=s.epochs, aggregation=prof.aggregation, stem=stem)
     if backbone is not None:
         raise InputError(f"the {model} model has no image backbone; got backbone {backbone!r}")
     if model == "mlp":

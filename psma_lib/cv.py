@@ -83,6 +83,7 @@ from .vocabulary import (
     RISK_HEADS,
     STEMS,
     VIEWS,
+    default_stem,
     input_channels,
     model_kinds_for,
 )
@@ -130,7 +131,7 @@ class CVConfig:
     view: str = DEFAULT_VIEW
     channels: str = DEFAULT_INPUT_CHANNELS  # comma-separated vocabulary.INPUT_CHANNELS, in that order
     head: str = DEFAULT_RISK_HEAD  # vocabulary.RISK_HEADS: mlp on the embedding, or concepts
-    stem: str = DEFAULT_STEM  # vocabulary.STEMS: the 2D ResNet's stem with or without its max-pool
+    stem: str | None = None  # vocabulary.STEMS; None: vocabulary.default_stem of the backbone
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
     weights: str | None = None
@@ -147,6 +148,8 @@ class CVConfig:
             self.model = model_kinds_for(self.modality)[0]
         if self.model == "resnet" and self.backbone is None:
             self.backbone = DEFAULT_BACKBONE
+        if self.stem is None:
+            self.stem = default_stem(self.backbone if self.model == "resnet" else None)
 
     @property
     def name(self) -> str:
@@ -768,7 +771,18 @@ def config_from_record(record: dict) -> CVConfig:
     """
     fields = record.get("config", record)
     progress = record.get("provenance", {}).get("parameters", {}).get("progress", True)
-    return CVConfig(**{"progress": progress, **fields})
+    return CVConfig(**{"progress": progress, **_stored_fields(fields)})
+
+
+def _stored_fields(fields: dict) -> dict:
+    """A stored configuration's fields, with the stem it was run with where it names none: a
+    record leaves ``stem`` out at ``standard`` (:meth:`CVConfig.run_defining`), as every run made
+    before the stem could be chosen did, so a missing stem is ``standard``, not today's default.
+
+    >>> _stored_fields({"modality": "imaging"})["stem"]
+    'standard'
+    """
+    return {"stem": "standard", **fields}
 
 
 def collect(out_dir: str | Path, config: CVConfig | None = None) -> CVResult:
@@ -833,7 +847,7 @@ def load_result(out_dir: str | Path) -> CVResult:
         raise InputError("not a finished cross-validation folder (no results.json)", file=str(path))
     stored = json.loads(path.read_text())
     try:
-        config = CVConfig(**stored["config"])
+        config = CVConfig(**_stored_fields(stored["config"]))
     except TypeError as exc:
         raise InputError(f"results.json was written by another version of psma_lib ({exc}); "
                          "rerun the cross-validation into a new folder", file=str(path)) from exc
@@ -884,9 +898,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--head", choices=RISK_HEADS, default=d.head,
                    help="lesion log-hazard from the image embedding (mlp) or linearly from the predicted "
                         "auxiliary targets (concepts, a concept bottleneck)")
-    p.add_argument("--stem", choices=STEMS, default=d.stem,
+    p.add_argument("--stem", choices=STEMS, default=None,
                    help="2D ResNet stem: standard (torchvision's, with its max-pool) or no-maxpool (twice the "
-                        "resolution in the residual stages, about 2.4x the compute)")
+                        f"resolution in the residual stages, about 2.4x the compute; default {DEFAULT_STEM} for "
+                        "the 2D ResNets)")
     p.add_argument("--channels", default=d.channels,
                    help=f"image channels: pet,ct or pet,ct,mask (the lesion's own mask; crops of format "
                         f"version 3) (default {d.channels})")

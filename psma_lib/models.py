@@ -53,7 +53,6 @@ from .vocabulary import (
     BACKBONES_3D,
     CLINICAL_COLUMNS,
     DEFAULT_AGGREGATION,
-    DEFAULT_STEM,
     INPUT_CHANNELS,
     LESION_AGGREGATIONS,
     MODALITIES,
@@ -182,7 +181,7 @@ class ImageEncoder(nn.Module):
     """
 
     def __init__(self, backbone: str = "resnet18", view: str = "axial", in_channels: int = 2,
-                 stem: str = DEFAULT_STEM):
+                 stem: str = "standard"):
         super().__init__()
         if backbone not in BACKBONES:
             raise InputError(f"unknown backbone {backbone!r}; choose one of {BACKBONES}")
@@ -238,7 +237,7 @@ class SurvivalModel(nn.Module):
 
     def __init__(self, modality: str, backbone: str = "resnet18", *, n_clinical: int = 0,
                  view: str = "axial", hidden: int = 32, dropout: float = 0.2, attention: bool = False,
-                 n_aux: int = 0, in_channels: int = 2, head: str = "mlp", stem: str = DEFAULT_STEM):
+                 n_aux: int = 0, in_channels: int = 2, head: str = "mlp", stem: str = "standard"):
         super().__init__()
         if modality not in MODALITIES:
             raise InputError(f"unknown modality {modality!r}; choose one of {MODALITIES}")

@@ -98,7 +98,20 @@ DEFAULT_RISK_HEAD = "mlp"
 #: ``no-maxpool`` (the max-pool removed: half the resolution, 12 x 12, about the PET's own 4 mm
 #: voxels over a 48 mm crop; about 2.4x the compute per plane; docs/METHOD.md, sixth round).
 STEMS = ("standard", "no-maxpool")
-DEFAULT_STEM = "standard"
+#: The 2D ResNets' stem in cross-validation (docs/METHOD.md, eighth round: +0.014 fold-mean C on
+#: four fresh count-free cohorts). r3d_18's stem has no max-pool; the ``ci`` and ``quick`` book
+#: profiles keep ``standard`` for their time budget on 2 CPU cores.
+DEFAULT_STEM = "no-maxpool"
+
+
+def default_stem(backbone: str | None) -> str:
+    """The stem a run gets when it names none: :data:`DEFAULT_STEM` for a 2D ResNet, ``standard``
+    for r3d_18 and for models without an image backbone (``None``).
+
+    >>> default_stem("resnet18"), default_stem("r3d_18"), default_stem(None)
+    ('no-maxpool', 'standard', 'standard')
+    """
+    return DEFAULT_STEM if backbone in BACKBONES_2D else "standard"
 
 #: Lesion log-hazards -> patient risk (``sum`` = log of the summed hazards, ``geometric`` = log of
 #: the count plus the mean log-hazard; see psma_lib.models).

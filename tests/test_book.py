@@ -7,6 +7,7 @@ import pytest
 
 from psma_lib import book, runner
 from psma_lib.errors import InputError
+from psma_lib.vocabulary import DEFAULT_STEM
 
 CHAPTER_FILES = sorted(runner.CHAPTERS_DIR.glob("*.ipynb"))
 
@@ -82,6 +83,16 @@ def test_cv_configs_follow_the_profile(tmp_path):
     assert book.cv_config(s, "multimodal", repeat=2).seed == s.seed + 2
     assert book.cv_config(s, "clinical", "coxph", covariates="count").covariates == "count"
     assert book.PROFILES["paper"].repeats >= 5 and book.PROFILES["quick"].repeats == 1
+
+
+def test_cpu_profiles_keep_the_standard_stem_and_paper_takes_the_default(tmp_path):
+    for profile in ("ci", "quick"):  # their 10-minute budgets on 2 cores; their runs keep their identity
+        config = book.cv_config(book.settings(profile=profile, output_dir=tmp_path), "imaging")
+        assert config.stem == "standard" and "stem" not in config.run_defining()
+    paper = book.settings(profile="paper", output_dir=tmp_path)
+    assert book.cv_config(paper, "multimodal").stem == DEFAULT_STEM == "no-maxpool"
+    assert book.cv_config(paper, "multimodal", backbone="r3d_18").stem == "standard"
+    book.cv_config(paper, "multimodal", backbone="r3d_18").validate()
 
 
 def test_the_book_has_its_chapters_in_toc_order():

@@ -18,6 +18,8 @@ from psma_lib.crop import load_crops
 from psma_lib.cv import (
     CVConfig,
     check_folds,
+    collect,
+    config_from_record,
     image_inputs,
     load_checkpoint,
     load_result,
@@ -447,9 +449,35 @@ def test_stem_reaches_the_network_and_is_recorded(tiny_crops, tmp_path):
     assert stored["stem"] == "no-maxpool" and result.config.stem == "no-maxpool"
     assert isinstance(make_model(result.config, 0).encoder.net.maxpool, torch.nn.Identity)
     # the standard stem is what every run made before the option was: its record omits it
-    assert "stem" not in CVConfig(modality="imaging").run_defining()
+    assert "stem" not in CVConfig(modality="imaging", stem="standard").run_defining()
     with pytest.raises(InputError, match="stem 'no-maxpool' is for the 2D ResNets"):
         CVConfig(modality="imaging", backbone="r3d_18", stem="no-maxpool").validate()
+
+
+def test_default_stem_drops_the_maxpool_of_2d_resnets_only():
+    assert CVConfig(modality="imaging").stem == "no-maxpool" == CVConfig(backbone="resnet50").stem
+    assert CVConfig(modality="imaging", backbone="r3d_18").stem == "standard"
+    assert CVConfig(modality="clinical").stem == CVConfig(modality="clinical", model="coxph").stem == "standard"
+    for config in (CVConfig(modality="imaging", backbone="r3d_18"), CVConfig(modality="clinical")):
+        config.validate()  # the default never asks a model for a stem it does not have
+    assert CVConfig(modality="imaging").run_defining()["stem"] == "no-maxpool"
+
+
+def test_stored_config_without_a_stem_was_run_with_the_standard_stem(tiny_crops, tmp_path):
+    config = CVConfig(modality="imaging", stem="standard", **{**TINY, "epochs": 1})
+    run_cv(tiny_crops, tmp_path / "cv", config)
+    stored = json.loads((tmp_path / "cv" / "config.json").read_text())
+    assert "stem" not in stored["config"]
+    assert config_from_record(stored).stem == "standard"
+    assert collect(tmp_path / "cv").config.stem == "standard"  # the folder's own config, read back
+    # results.json written before the stem existed: no stem field at all
+    results = json.loads((tmp_path / "cv" / "results.json").read_text())
+    del results["config"]["stem"]
+    (tmp_path / "cv" / "results.json").write_text(json.dumps(results))
+    assert load_result(tmp_path / "cv").config.stem == "standard"
+    # a run with today's default stem in the same folder is another run, and refused
+    with pytest.raises(InputError, match="different configuration"):
+        run_cv(tiny_crops, tmp_path / "cv", CVConfig(modality="imaging", **{**TINY, "epochs": 1}))
 
 
 def test_lesion_mask_channel_refused_where_it_cannot_be_had(tiny_crops, tmp_path):
