@@ -26,7 +26,6 @@ from .crop import CropSet
 from .errors import InputError
 from .vocabulary import (
     BACKBONES,
-    BACKBONES_2D,
     DEFAULT_AGGREGATION,
     DEFAULT_BACKBONE,
     MODALITIES,
@@ -239,9 +238,8 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
     common = dict(modality=modality, model=model, folds=s.folds, seed=s.seed + repeat, device=s.device,
                   n_bootstrap=s.n_bootstrap, progress=s.show_progress)
     if model == "resnet":
-        backbone = backbone or s.main_backbone
-        stem = prof.stem if backbone in BACKBONES_2D else None  # r3d_18 has no stem to choose
-        return CVConfig(**common, backbone=backbone, epochs=s.epochs, aggregation=prof.aggregation, stem=stem)
+        return CVConfig(**common, backbone=backbone or s.main_backbone, epochs=s.epochs,
+                        aggregation=prof.aggregation, stem=prof.stem)
     if backbone is not None:
         raise InputError(f"the {model} model has no image backbone; got backbone {backbone!r}")
     if model == "mlp":
