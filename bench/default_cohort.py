@@ -1,0 +1,169 @@
+"""The book's ResNet-18 runs on its default cohort, and on other draws of the same generator.
+
+The book's headline comparison (chapter 6: do the images add to counting lesions?) is made on one
+cohort with one configuration. This runs the same comparison, with the `quick` (or any) profile's
+cohort, crops, folds and settings, in two directions:
+
+* ``--stem`` / ``--epochs``: the profile's imaging and multimodal ResNet-18 with one setting
+  changed (e.g. the library's default stem, which the CPU profiles do not use for its cost), paired
+  against the book's own runs;
+* ``--seed S``: another cohort of the default generator (the book's is seed 0), so a figure can be
+  judged as typical of the generator or as one lucky draw.
+
+It prints, on the same patients and folds (fold mean of the patient-level C-index, bootstrap CIs
+with patients resampled within folds): the imaging and multimodal runs, the lesion-count Cox model,
+the PSMA PET biomarkers (+ CT density) Cox models and the oracle (true linear predictor); paired
+ΔC of the runs against the count baseline, the strongest Cox baseline and (for a variant) the
+book's runs (issue 7's item 4: imaging − count ≥ 0.03, multimodal ≥ 0.77); the lesion-level truth
+recovery of the imaging run (Spearman with the true lesion properties; necrosis partial given
+volume and SUVmax). ``--table`` prints one row per seed of a variant already run.
+
+Usage (the book's runs are read back from ``make book``'s results folder, or computed there:
+about 7 minutes per new cohort seed on 2 CPU cores; a variant adds its own runs, e.g. about 14
+minutes for the two ``--stem no-maxpool`` ones)::
+
+    .venv/bin/python bench/default_cohort.py --stem no-maxpool        # the book's cohort, seed 0
+    .venv/bin/python bench/default_cohort.py --seed 1                 # another draw, the book's runs
+    .venv/bin/python bench/default_cohort.py --table                  # one row per seed so far
+
+Every run is cached in the book's results folder under its own configuration key (the book never
+reads a run of a configuration it does not use); a record per seed and variant goes to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from psma_lib import book, comparison, pipeline
+from psma_lib.analysis import oracle_c_index
+from psma_lib.io import write_json
+from psma_lib.recovery import lesion_truth_table, truth_recovery
+from psma_lib.repro import provenance
+from psma_lib.synthetic import load_truth
+from psma_lib.vocabulary import STEMS
+
+BASELINES = {"lesion count (Cox)": "count", "biomarkers (Cox)": "biomarkers",
+             "biomarkers + CT density (Cox)": "biomarkers+ct"}
+
+
+def variant_name(changes: dict) -> str:
+    """File and label suffix of the fields changed from the book's run: ``book`` for none.
+
+    >>> variant_name({}), variant_name({"stem": "no-maxpool", "epochs": 10})
+    ('book', 'stem_no-maxpool-epochs_10')
+    """
+    return "-".join(f"{k}_{v}" for k, v in changes.items()) or "book"
+
+
+def seed_table(out: Path, profile: str, variant: str) -> pd.DataFrame:
+    """One row per cohort seed recorded in ``out`` for ``profile`` and ``variant`` (read back,
+    nothing recomputed): the baselines', the networks' and the oracle's fold-mean C, each network's
+    ΔC to the count baseline (and, for a variant, to the book's run) with its paired CI, and the
+    necrosis partial correlation."""
+    rows = []
+    for path in sorted(out.glob(f"default_cohort-{profile}-seed*-{variant}.json")):
+        record = json.loads(path.read_text())
+        c = {r["model"]: r["fold_mean"] for r in record["summary"]}
+        row = {"seed": int(path.stem.split("-seed")[1].split("-")[0]), "count": c["lesion count (Cox)"],
+               "biomarkers + CT": c["biomarkers + CT density (Cox)"],
+               "imaging": c[f"imaging ({variant})"], "multimodal": c[f"multimodal ({variant})"],
+               "oracle": c.get("oracle (true linear predictor)")}
+        for d in record["deltas"]:
+            a, b = d["comparison"].split(" − ")
+            if b in ("lesion count (Cox)", "imaging (book)", "multimodal (book)"):
+                name = f"{a.split(' (')[0]} − {'count' if b.startswith('lesion') else 'book'}"
+                row[name] = d["delta"]
+                row[f"{name} 95 % CI"] = f"({d['ci_low']:+.3f}, {d['ci_high']:+.3f})"
+        necrosis = [r for r in record["truth_recovery"] or [] if r["truth"] == "necrosis | volume, SUVmax"]
+        if necrosis:
+            row["necrosis partial ρ"] = necrosis[0]["spearman"]
+            row["necrosis 95 % CI"] = f"({necrosis[0]['ci_low']:+.3f}, {necrosis[0]['ci_high']:+.3f})"
+        rows.append(row)
+    if not rows:
+        raise SystemExit(f"no records of variant {variant!r} for profile {profile!r} in {out}")
+    table = pd.DataFrame(rows).sort_values("seed")
+    means = table.mean(numeric_only=True).drop("seed")
+    return pd.concat([table, pd.DataFrame([{"seed": "mean", **means}])], ignore_index=True).fillna("")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="quick", choices=sorted(book.PROFILES))
+    parser.add_argument("--stem", default=None, choices=STEMS, help="the ResNets' stem (default: the book's)")
+    parser.add_argument("--epochs", type=int, default=None, help="the ResNets' epochs (default: the book's)")
+    parser.add_argument("--seed", type=int, default=0, help="cohort and fold seed (the book's: 0)")
+    parser.add_argument("--output", default=None, help="the book's results folder (default: the profile's)")
+    parser.add_argument("--out", type=Path, default=Path("_build/bench/default_cohort"))
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--table", action="store_true",
+                        help="train nothing: one row per cohort seed of this variant already recorded in --out")
+    args = parser.parse_args()
+
+    s = book.settings(profile=args.profile, output_dir=args.output, seed=args.seed)
+    book_config = book.cv_config(s, "imaging")
+    changes = {k: v for k, v in (("stem", args.stem), ("epochs", args.epochs))
+               if v is not None and v != getattr(book_config, k)}
+    variant = variant_name(changes)
+    if args.table:
+        with pd.option_context("display.width", 300, "display.max_columns", 30,
+                               "display.float_format", "{:.3f}".format):
+            print(seed_table(args.out, s.profile, variant).to_string(index=False))
+        return
+
+    crops = book.crops(s)
+    folders, seconds = {}, {}
+    for name, covariates in BASELINES.items():
+        folders[name] = book.cv(s, "clinical", model="coxph", covariates=covariates).out_dir
+    for modality in ("imaging", "multimodal"):
+        start = time.perf_counter()
+        folders[f"{modality} (book)"] = book.cv(s, modality).out_dir
+        if changes:
+            start = time.perf_counter()
+            config = dataclasses.replace(book.cv_config(s, modality), **changes)
+            folders[f"{modality} ({variant})"] = pipeline.run_cv(crops, s.output_dir, config).out_dir
+        seconds[modality] = round(time.perf_counter() - start, 1)
+
+    summary = comparison.summary_table(folders, n_boot=args.n_boot, seed=s.seed)
+    oof = comparison.read_run(folders["lesion count (Cox)"])[0]
+    if crops.synthetic:
+        truth = load_truth(book.cohort(s).root)
+        oracle = oracle_c_index(truth, oof[["patient_id", "pfs_months", "event"]], oof[["patient_id", "fold"]],
+                                n_boot=args.n_boot, seed=s.seed)
+        summary.loc[len(summary), ["model", "fold_mean", "fold_min", "fold_max"]] = [
+            "oracle (true linear predictor)", oracle["fold_mean"], oracle["fold_min"], oracle["fold_max"]]
+    img, mm = f"imaging ({variant})", f"multimodal ({variant})"
+    pairs = [(img, "lesion count (Cox)"), (mm, "lesion count (Cox)"), (img, "biomarkers + CT density (Cox)"),
+             (mm, "biomarkers + CT density (Cox)")]
+    if changes:
+        pairs += [(img, "imaging (book)"), (mm, "multimodal (book)")]
+    deltas = comparison.delta_table(folders, pairs, n_boot=args.n_boot, seed=s.seed)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(f"\nprofile {s.profile}, cohort seed {s.seed}, {len(oof)} patients, {s.folds} folds; the book's "
+              f"ResNets: {book_config.epochs} epochs, {book_config.stem} stem; variant: {variant}; "
+              f"training (0: read back): {seconds} s\n")
+        print(summary.to_string(index=False), "\n")
+        print(deltas.to_string(index=False), "\n")
+        recovered = None
+        if crops.synthetic:
+            lesion_truth = pd.read_csv(book.cohort(s).root / "truth" / "lesion_truth.csv", dtype={"patient_id": str})
+            oof_lesions = pd.read_csv(folders[img] / "oof_lesion_predictions.csv", dtype={"patient_id": str})
+            recovered = truth_recovery(lesion_truth_table(oof_lesions, lesion_truth), n_boot=1000, seed=s.seed)
+            print(f"lesion truth recovery of {img}:\n{recovered.to_string()}\n")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"default_cohort-{s.profile}-seed{s.seed}-{variant}.json"
+    write_json(path, {"summary": summary.to_dict("records"), "deltas": deltas.to_dict("records"),
+                      "truth_recovery": None if recovered is None else recovered.reset_index().to_dict("records"),
+                      "train_seconds": seconds, "changes": changes, "runs": {k: str(v) for k, v in folders.items()},
+                      "provenance": provenance(bench="default_cohort")})
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()
