@@ -55,7 +55,7 @@ from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import segment_aggregate
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
-from psma_lib.synthetic import Spec, count_free, generate_cohort, load_truth
+from psma_lib.synthetic import Spec, count_free, generate_cohort, load_lesion_truth, load_truth
 from psma_lib.vocabulary import AUX_TARGETS, input_channels
 
 
@@ -169,13 +169,12 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
     truth = load_truth(cohort).set_index("patient_id")
     measured = lesions.groupby("patient_id").agg(volume=("volume_ml", "sum"), suvmax=("suvmax", "max"))
     noise = noise_baseline(oof, lesions, config.aggregation, n_draws=200, seed=seed)
-    oof_lesions = pd.read_csv(run.out_dir / "oof_lesion_predictions.csv", dtype={"patient_id": str, "lesion_id": str})
-    lesion_truth = pd.read_csv(cohort / "truth" / "lesion_truth.csv", dtype={"patient_id": str, "lesion_id": str})
+    lesion_truth = load_lesion_truth(cohort)
     features = patient_features(lesions, lesion_truth)
     measured_hu = fold_cox(oof, features, [*MEASURED, "hu_mean"])
     delta = paired_bootstrap_delta_c(oof["pfs_months"], oof["event"], oof["risk"], measured_hu, folds=oof["fold"],
                                      seed=seed)
-    recovery = truth_recovery(lesion_truth_table(oof_lesions, lesion_truth), n_boot=300, seed=seed)
+    recovery = truth_recovery(lesion_truth_table(run.oof_lesions, lesion_truth), n_boot=300, seed=seed)
     return {
         "seed": seed, "patients": len(oof), "train_seconds": round(seconds, 1),
         "imaging_resnet18": fold_mean_c(oof, oof["risk"].to_numpy()),

@@ -45,7 +45,7 @@ from psma_lib.analysis import oracle_c_index
 from psma_lib.io import write_json
 from psma_lib.recovery import lesion_truth_table, truth_recovery
 from psma_lib.repro import provenance
-from psma_lib.synthetic import load_truth
+from psma_lib.synthetic import load_lesion_truth, load_truth
 from psma_lib.vocabulary import STEMS
 
 BASELINES = {"lesion count (Cox)": "count", "biomarkers (Cox)": "biomarkers",
@@ -117,20 +117,21 @@ def main() -> None:
         return
 
     crops = book.crops(s)
-    folders, seconds = {}, {}
+    runs, seconds = {}, {}
     for name, covariates in BASELINES.items():
-        folders[name] = book.cv(s, "clinical", model="coxph", covariates=covariates).out_dir
+        runs[name] = book.cv(s, "clinical", model="coxph", covariates=covariates)
     for modality in ("imaging", "multimodal"):
         start = time.perf_counter()
-        folders[f"{modality} (book)"] = book.cv(s, modality).out_dir
+        runs[f"{modality} (book)"] = book.cv(s, modality)
         if changes:
             start = time.perf_counter()
             config = dataclasses.replace(book.cv_config(s, modality), **changes)
-            folders[f"{modality} ({variant})"] = pipeline.run_cv(crops, s.output_dir, config).out_dir
+            runs[f"{modality} ({variant})"] = pipeline.run_cv(crops, s.output_dir, config)
         seconds[modality] = round(time.perf_counter() - start, 1)
+    folders = {name: run.out_dir for name, run in runs.items()}
 
     summary = comparison.summary_table(folders, n_boot=args.n_boot, seed=s.seed)
-    oof = comparison.read_run(folders["lesion count (Cox)"])[0]
+    oof = runs["lesion count (Cox)"].oof
     if crops.synthetic:
         truth = load_truth(book.cohort(s).root)
         oracle = oracle_c_index(truth, oof[["patient_id", "pfs_months", "event"]], oof[["patient_id", "fold"]],
@@ -151,9 +152,8 @@ def main() -> None:
         print(deltas.to_string(index=False), "\n")
         recovered = None
         if crops.synthetic:
-            lesion_truth = pd.read_csv(book.cohort(s).root / "truth" / "lesion_truth.csv", dtype={"patient_id": str})
-            oof_lesions = pd.read_csv(folders[img] / "oof_lesion_predictions.csv", dtype={"patient_id": str})
-            recovered = truth_recovery(lesion_truth_table(oof_lesions, lesion_truth), n_boot=1000, seed=s.seed)
+            table = lesion_truth_table(runs[img].oof_lesions, load_lesion_truth(book.cohort(s).root))
+            recovered = truth_recovery(table, n_boot=1000, seed=s.seed)
             print(f"lesion truth recovery of {img}:\n{recovered.to_string()}\n")
 
     args.out.mkdir(parents=True, exist_ok=True)

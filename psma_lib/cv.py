@@ -249,6 +249,11 @@ class CVResult:
         """``fold, epoch, train_loss, ...``: the learning curves."""
         return _read_table(self.out_dir / "history.csv")
 
+    @property
+    def oof_lesions(self) -> pd.DataFrame:
+        """``patient_id, lesion_id, log_hazard, ...``: image models' out-of-fold lesion log-hazards."""
+        return _read_table(self.out_dir / "oof_lesion_predictions.csv")
+
 
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():

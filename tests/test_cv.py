@@ -72,6 +72,7 @@ def test_outputs_follow_the_contract(imaging_run, tiny_crops):
     lesion = _read(out, "oof_lesion_predictions.csv")
     assert list(lesion.columns) == ["patient_id", "lesion_id", "fold", "log_hazard"]
     assert sorted(lesion["lesion_id"]) == sorted(crops.lesions["lesion_id"])
+    pd.testing.assert_frame_equal(imaging_run.oof_lesions, lesion)  # the result object reads the same file
     # default "sum" aggregation: the patient's hazard is the sum of its lesions' hazards
     summed = lesion.groupby("patient_id")["log_hazard"].agg(lambda h: logsumexp(h.to_numpy()))
     assert np.allclose(oof.set_index("patient_id")["risk"], summed.loc[oof["patient_id"]].to_numpy())

@@ -59,7 +59,7 @@ physics, :func:`render_patient`), :mod:`.cohort` (the cohort directory), :mod:`.
 from ..vocabulary import CLINICAL_COLUMNS, SITES
 from ..vocabulary import TREATMENT_COLUMNS as TREATMENTS
 from .cli import register_cli
-from .cohort import generate_cohort, load_truth
+from .cohort import generate_cohort, load_lesion_truth, load_truth
 from .outcome import CohortTables, lesion_counts, patient_ids, sample_tables
 from .scanner import recovery_coefficient, render_patient
 from .spec import (
@@ -79,6 +79,6 @@ from .spec import (
 __all__ = [
     "CLINICAL_COLUMNS", "DEFAULT_SPEC_PATH", "SIGNALS", "SITES", "TREATMENTS",
     "ClinicalSpec", "CohortTables", "ImagingSpec", "LesionSpec", "OutcomeSpec", "SiteSpec", "Spec",
-    "count_free", "generate_cohort", "lesion_counts", "load_spec", "load_truth", "patient_ids",
+    "count_free", "generate_cohort", "lesion_counts", "load_lesion_truth", "load_spec", "load_truth", "patient_ids",
     "recovery_coefficient", "register_cli", "render_patient", "sample_tables", "spec_to_dict",
 ]

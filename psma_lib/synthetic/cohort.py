@@ -144,7 +144,21 @@ def load_truth(cohort_dir: str | os.PathLike) -> pd.DataFrame:
     Traceback (most recent call last):
     psma_lib.errors.InputError: file /no/such/cohort/truth/truth.csv: no truth/truth.csv: not a synthetic cohort (or truth was removed)
     """
-    path = Path(cohort_dir) / "truth" / "truth.csv"
+    return _read_truth(cohort_dir, "truth.csv")
+
+
+def load_lesion_truth(cohort_dir: str | os.PathLike) -> pd.DataFrame:
+    """``truth/lesion_truth.csv`` of a synthetic cohort: each lesion's drawn properties (ids as str).
+
+    >>> from psma_lib.testing import tiny_cohort
+    >>> load_lesion_truth(tiny_cohort().parent)["lesion_id"].str.startswith("SYN00").all()
+    np.True_
+    """
+    return _read_truth(cohort_dir, "lesion_truth.csv")
+
+
+def _read_truth(cohort_dir: str | os.PathLike, name: str) -> pd.DataFrame:
+    path = Path(cohort_dir) / "truth" / name
     if not path.is_file():
-        raise InputError("no truth/truth.csv: not a synthetic cohort (or truth was removed)", file=str(path))
-    return pd.read_csv(path, dtype={"patient_id": str})
+        raise InputError(f"no truth/{name}: not a synthetic cohort (or truth was removed)", file=str(path))
+    return pd.read_csv(path, dtype={"patient_id": str, "lesion_id": str})
