@@ -4,15 +4,17 @@ The book's headline comparison (chapter 6: do the images add to counting lesions
 cohort with one configuration. This runs the same comparison, with the `quick` (or any) profile's
 cohort, crops, folds and settings, in two directions:
 
-* ``--stem`` / ``--epochs``: the profile's imaging and multimodal ResNet-18 with one setting
-  changed (e.g. the library's default stem, which the CPU profiles do not use for its cost), paired
-  against the book's own runs;
+* ``--stem`` / ``--epochs`` / ``--lesion-inputs``: the profile's imaging and multimodal ResNet-18
+  with one setting changed (e.g. the library's default stem, which the CPU profiles do not use for
+  its cost, or the lesions' measured quantities added linearly to their log-hazards), paired
+  against the book's own runs (``--modalities imaging`` trains the imaging one alone);
 * ``--seed S``: another cohort of the default generator (the book's is seed 0), so a figure can be
   judged as typical of the generator or as one lucky draw.
 
 It prints, on the same patients and folds (fold mean of the patient-level C-index, bootstrap CIs
 with patients resampled within folds): the imaging and multimodal runs, the lesion-count Cox model,
-the PSMA PET biomarkers (+ CT density) Cox models and the oracle (true linear predictor); paired
+the PSMA PET biomarkers (+ CT density) Cox models, a noise output per lesion through the runs'
+aggregation (mean and 95th percentile of 200 draws) and the oracle (true linear predictor); paired
 ΔC of the runs against the count baseline, the strongest Cox baseline and (for a variant) the
 book's runs (issue 7's item 4: imaging − count ≥ 0.03, multimodal ≥ 0.77); the lesion-level truth
 recovery of the imaging run (Spearman with the true lesion properties; necrosis partial given
@@ -43,13 +45,15 @@ import pandas as pd
 from psma_lib import book, comparison, pipeline
 from psma_lib.analysis import oracle_c_index
 from psma_lib.io import write_json
-from psma_lib.recovery import lesion_truth_table, truth_recovery
+from psma_lib.recovery import lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
 from psma_lib.vocabulary import STEMS
 
 BASELINES = {"lesion count (Cox)": "count", "biomarkers (Cox)": "biomarkers",
              "biomarkers + CT density (Cox)": "biomarkers+ct"}
+SHORT = {"lesion count": "count", "biomarkers + CT density": "bio+CT", "imaging": "book", "multimodal": "book"}
+NOISE_MEAN, NOISE_P95 = "noise through the aggregation: mean of 200", "noise through the aggregation: 95th pct"
 
 
 def variant_name(changes: dict) -> str:
@@ -57,8 +61,10 @@ def variant_name(changes: dict) -> str:
 
     >>> variant_name({}), variant_name({"stem": "no-maxpool", "epochs": 10})
     ('book', 'stem_no-maxpool-epochs_10')
+    >>> variant_name({"lesion_inputs": "log_suvmax,bone"})
+    'lesion_inputs_log_suvmax+bone'
     """
-    return "-".join(f"{k}_{v}" for k, v in changes.items()) or "book"
+    return "-".join(f"{k}_{str(v).replace(',', '+')}" for k, v in changes.items()) or "book"
 
 
 def seed_table(out: Path, profile: str, variant: str) -> pd.DataFrame:
@@ -72,12 +78,12 @@ def seed_table(out: Path, profile: str, variant: str) -> pd.DataFrame:
         c = {r["model"]: r["fold_mean"] for r in record["summary"]}
         row = {"seed": int(path.stem.split("-seed")[1].split("-")[0]), "count": c["lesion count (Cox)"],
                "biomarkers + CT": c["biomarkers + CT density (Cox)"],
-               "imaging": c[f"imaging ({variant})"], "multimodal": c[f"multimodal ({variant})"],
-               "oracle": c.get("oracle (true linear predictor)")}
+               "noise p95": c.get(NOISE_P95), "imaging": c[f"imaging ({variant})"],
+               "multimodal": c.get(f"multimodal ({variant})"), "oracle": c.get("oracle (true linear predictor)")}
         for d in record["deltas"]:
             a, b = d["comparison"].split(" − ")
-            if b in ("lesion count (Cox)", "imaging (book)", "multimodal (book)"):
-                name = f"{a.split(' (')[0]} − {'count' if b.startswith('lesion') else 'book'}"
+            if b in ("lesion count (Cox)", "biomarkers + CT density (Cox)", "imaging (book)", "multimodal (book)"):
+                name = f"{a.split(' (')[0]} − {SHORT[b.split(' (')[0]]}"
                 row[name] = d["delta"]
                 row[f"{name} 95 % CI"] = f"({d['ci_low']:+.3f}, {d['ci_high']:+.3f})"
         necrosis = [r for r in record["truth_recovery"] or [] if r["truth"] == "necrosis | volume, SUVmax"]
@@ -97,6 +103,11 @@ def main() -> None:
     parser.add_argument("--profile", default="quick", choices=sorted(book.PROFILES))
     parser.add_argument("--stem", default=None, choices=STEMS, help="the ResNets' stem (default: the book's)")
     parser.add_argument("--epochs", type=int, default=None, help="the ResNets' epochs (default: the book's)")
+    parser.add_argument("--lesion-inputs", default=None,
+                        help="measured lesion quantities added linearly to the lesions' log-hazards "
+                             "(default: the book's, none)")
+    parser.add_argument("--modalities", default="imaging,multimodal",
+                        help="the ResNets to train with the change (comma-separated; default both)")
     parser.add_argument("--seed", type=int, default=0, help="cohort and fold seed (the book's: 0)")
     parser.add_argument("--output", default=None, help="the book's results folder (default: the profile's)")
     parser.add_argument("--out", type=Path, default=Path("_build/bench/default_cohort"))
@@ -107,8 +118,11 @@ def main() -> None:
 
     s = book.settings(profile=args.profile, output_dir=args.output, seed=args.seed)
     book_config = book.cv_config(s, "imaging")
-    changes = {k: v for k, v in (("stem", args.stem), ("epochs", args.epochs))
+    changes = {k: v for k, v in (("stem", args.stem), ("epochs", args.epochs), ("lesion_inputs", args.lesion_inputs))
                if v is not None and v != getattr(book_config, k)}
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    if not modalities or set(modalities) - {"imaging", "multimodal"}:
+        raise SystemExit(f"--modalities: imaging and/or multimodal, not {args.modalities!r}")
     variant = variant_name(changes)
     if args.table:
         with pd.option_context("display.width", 300, "display.max_columns", 30,
@@ -120,7 +134,7 @@ def main() -> None:
     runs, seconds = {}, {}
     for name, covariates in BASELINES.items():
         runs[name] = book.cv(s, "clinical", model="coxph", covariates=covariates)
-    for modality in ("imaging", "multimodal"):
+    for modality in modalities:
         start = time.perf_counter()
         runs[f"{modality} (book)"] = book.cv(s, modality)
         if changes:
@@ -132,17 +146,21 @@ def main() -> None:
 
     summary = comparison.summary_table(folders, n_boot=args.n_boot, seed=s.seed)
     oof = runs["lesion count (Cox)"].oof
+    noise = noise_baseline(oof.reset_index(drop=True), crops.lesions.astype({"patient_id": str}),
+                           book_config.aggregation, n_draws=200, seed=s.seed)
+    summary.loc[len(summary), ["model", "fold_mean"]] = [NOISE_MEAN, noise["mean"]]
+    summary.loc[len(summary), ["model", "fold_mean"]] = [NOISE_P95, noise["p95"]]
     if crops.synthetic:
         truth = load_truth(book.cohort(s).root)
         oracle = oracle_c_index(truth, oof[["patient_id", "pfs_months", "event"]], oof[["patient_id", "fold"]],
                                 n_boot=args.n_boot, seed=s.seed)
         summary.loc[len(summary), ["model", "fold_mean", "fold_min", "fold_max"]] = [
             "oracle (true linear predictor)", oracle["fold_mean"], oracle["fold_min"], oracle["fold_max"]]
-    img, mm = f"imaging ({variant})", f"multimodal ({variant})"
-    pairs = [(img, "lesion count (Cox)"), (mm, "lesion count (Cox)"), (img, "biomarkers + CT density (Cox)"),
-             (mm, "biomarkers + CT density (Cox)")]
+    read = f"{modalities[0]} ({variant})"  # whose lesion scores the truth recovery reads
+    pairs = [(f"{m} ({variant})", baseline) for m in modalities
+             for baseline in ("lesion count (Cox)", "biomarkers + CT density (Cox)")]
     if changes:
-        pairs += [(img, "imaging (book)"), (mm, "multimodal (book)")]
+        pairs += [(f"{m} ({variant})", f"{m} (book)") for m in modalities]
     deltas = comparison.delta_table(folders, pairs, n_boot=args.n_boot, seed=s.seed)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(f"\nprofile {s.profile}, cohort seed {s.seed}, {len(oof)} patients, {s.folds} folds; the book's "
@@ -152,9 +170,9 @@ def main() -> None:
         print(deltas.to_string(index=False), "\n")
         recovered = None
         if crops.synthetic:
-            table = lesion_truth_table(runs[img].oof_lesions, load_lesion_truth(book.cohort(s).root))
+            table = lesion_truth_table(runs[read].oof_lesions, load_lesion_truth(book.cohort(s).root))
             recovered = truth_recovery(table, n_boot=1000, seed=s.seed)
-            print(f"lesion truth recovery of {img}:\n{recovered.to_string()}\n")
+            print(f"lesion truth recovery of {read}:\n{recovered.to_string()}\n")
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"default_cohort-{s.profile}-seed{s.seed}-{variant}.json"

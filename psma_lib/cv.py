@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,7 @@ class CVConfig:
     unit: str = TrainConfig.unit
     aux_weight: float = TrainConfig.aux_weight
     aux_targets: str = DEFAULT_AUX_TARGETS  # comma-separated names of vocabulary.AUX_TARGETS
+    lesion_inputs: str = ""  # measured lesion quantities (vocabulary.AUX_TARGETS) added linearly to the log-hazard
     selection: str = TrainConfig.selection
     covariates: str = "clinical"  # coxph only: clinical | count | biomarkers | clinical+biomarkers | biomarkers+ct
     view: str = DEFAULT_VIEW
@@ -185,6 +187,11 @@ class CVConfig:
         if self.selection not in SELECTIONS:
             raise InputError(f"unknown selection {self.selection!r}; choose one of {SELECTIONS}")
         aux_target_names(self.aux_targets)
+        if self.lesion_inputs:
+            aux_target_names(self.lesion_inputs, "lesion_inputs")
+            if self.model != "resnet" or self.aggregation == "attention":
+                raise InputError("lesion_inputs are added to each lesion's log-hazard: they need a resnet model "
+                                 "that scores lesions (not attention pooling)")
         if self.view not in VIEWS:
             raise InputError(f"unknown view {self.view!r}; choose one of {VIEWS}")
         input_channels(self.channels)
@@ -203,8 +210,9 @@ class CVConfig:
     def run_defining(self) -> dict:
         """The fields that change results (resume refuses a different run in the same folder).
 
-        ``channels``, ``head`` and ``stem`` are left out at PET and CT, ``mlp`` and ``standard``, what
-        every run made before they existed had, so those runs' records and cached folders stay the same run."""
+        ``channels``, ``head``, ``stem`` and ``lesion_inputs`` are left out at PET and CT, ``mlp``,
+        ``standard`` and none, what every run made before they existed had, so those runs' records and
+        cached folders stay the same run."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
         if input_channels(self.channels) == PET_CT:
             del fields["channels"]
@@ -212,6 +220,8 @@ class CVConfig:
             del fields["head"]
         if self.stem == "standard":
             del fields["stem"]
+        if not self.lesion_inputs:
+            del fields["lesion_inputs"]
         return fields
 
 
@@ -370,7 +380,7 @@ def image_inputs(crops, lesions: pd.DataFrame, backbone: str, view: str,
     return torch.from_numpy(np.array(arr, dtype=np.float32))  # writable copy of the memmap
 
 
-def aux_target_names(text: str) -> tuple[str, ...]:
+def aux_target_names(text: str, what: str = "aux_targets") -> tuple[str, ...]:
     """The auxiliary targets named in ``text`` (comma-separated :data:`~psma_lib.vocabulary.AUX_TARGETS`).
 
     >>> aux_target_names("log_suvmax, bone")
@@ -379,7 +389,7 @@ def aux_target_names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in AUX_TARGETS]
     if unknown or not names or len(set(names)) != len(names):
-        raise InputError(f"aux_targets must name distinct targets from {', '.join(AUX_TARGETS)}; got {text!r}")
+        raise InputError(f"{what} must name distinct quantities from {', '.join(AUX_TARGETS)}; got {text!r}")
     return names
 
 
@@ -411,19 +421,41 @@ def lesion_target_values(lesions: pd.DataFrame, names: Sequence[str]) -> np.ndar
     return np.column_stack([columns[n]() for n in names]) if len(names) else np.zeros((len(lesions), 0))
 
 
+def lesion_scaling(values: np.ndarray, train_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, sd) of each column of ``values`` ``[L, T]`` over the training lesions ``train_rows``
+    (fitted inside the fold; NaN ignored; 0 and 1 where a column is unknown or constant there)."""
+    train = values[train_rows]
+    known = np.isfinite(train).any(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: handled below
+        mean, sd = np.nanmean(train, axis=0), np.nanstd(train, axis=0)
+    mean = np.where(known, np.nan_to_num(mean), 0.0)
+    sd = np.where(known & (np.nan_to_num(sd) > 1e-8), sd, 1.0)
+    return mean, sd
+
+
 def standardise_targets(values: np.ndarray, train_rows: np.ndarray) -> torch.Tensor:
     """Targets standardised by the training lesions' mean and sd (fitted inside the fold)."""
-    train = values[train_rows]
-    mean = np.nanmean(train, axis=0) if np.isfinite(train).any() else np.zeros(values.shape[1])
-    sd = np.nanstd(train, axis=0) if np.isfinite(train).any() else np.ones(values.shape[1])
-    mean, sd = np.nan_to_num(mean), np.where(np.nan_to_num(sd) > 1e-8, sd, 1.0)
+    mean, sd = lesion_scaling(values, train_rows)
     return torch.tensor((values - mean) / sd, dtype=torch.float32)
+
+
+def standardise_inputs(values: np.ndarray, mean: np.ndarray, sd: np.ndarray) -> torch.Tensor:
+    """Measured lesion inputs standardised with a training fold's (mean, sd); an unknown value
+    becomes 0, the training lesions' mean (an input, unlike a target, cannot be left out).
+
+    >>> standardise_inputs(np.array([[3.0, np.nan]]), np.array([1.0, 5.0]), np.array([2.0, 1.0])).tolist()
+    [[1.0, 0.0]]
+    """
+    return torch.tensor(np.nan_to_num((values - mean) / sd, nan=0.0), dtype=torch.float32)
 
 
 def _subset(patients: pd.DataFrame, lesions: pd.DataFrame, images: torch.Tensor | None,
             clinical: torch.Tensor | None, pids: list[str],
-            targets: torch.Tensor | None = None) -> tuple[SurvivalData, pd.DataFrame]:
-    """SurvivalData for patients ``pids`` (in that order) and their lesion rows."""
+            targets: torch.Tensor | None = None, inputs: torch.Tensor | None = None
+            ) -> tuple[SurvivalData, pd.DataFrame]:
+    """SurvivalData for patients ``pids`` (in that order) and their lesion rows (``targets`` and
+    ``inputs``: per lesion of ``lesions``, subset alike)."""
     p = patients.set_index("patient_id").loc[pids]
     row_of = {pid: i for i, pid in enumerate(pids)}
     mask = lesions["patient_id"].isin(row_of).to_numpy()
@@ -436,6 +468,7 @@ def _subset(patients: pd.DataFrame, lesions: pd.DataFrame, images: torch.Tensor 
         images=None if images is None else images[rows],
         lesion_patient=torch.tensor(sub_lesions["patient_id"].map(row_of).to_numpy(), dtype=torch.int64),
         lesion_targets=None if targets is None else targets[rows],
+        lesion_inputs=None if inputs is None else inputs[rows],
     )
     return data, sub_lesions
 
@@ -496,7 +529,8 @@ def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
                          in_channels=len(input_channels(config.channels)), head=config.head,
                          stem=config.stem,
                          attention=config.aggregation == "attention" and image_model,
-                         n_aux=len(aux_target_names(config.aux_targets)) if config.aux_weight > 0 and image_model else 0)
+                         n_aux=len(aux_target_names(config.aux_targets)) if config.aux_weight > 0 and image_model else 0,
+                         n_lesion_inputs=len(aux_target_names(config.lesion_inputs)) if config.lesion_inputs else 0)
 
 
 def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device, out_dir: Path,
@@ -530,15 +564,21 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         n_val = len(inner_val)
         use_clin = config.modality != "imaging"
         use_aux = config.aux_weight > 0 and config.modality != "clinical"
-        targets = None
+        targets = inputs = None
+        inner_rows = lesions["patient_id"].isin(inner_train).to_numpy()
         if use_aux:
             values = lesion_target_values(lesions, aux_target_names(config.aux_targets))
-            targets = standardise_targets(values, lesions["patient_id"].isin(inner_train).to_numpy())
+            targets = standardise_targets(values, inner_rows)
+        if config.lesion_inputs:
+            values = lesion_target_values(lesions, aux_target_names(config.lesion_inputs))
+            mean, sd = lesion_scaling(values, inner_rows)
+            inputs = standardise_inputs(values, mean, sd)
+            tensors.update({"lesion_inputs.mean": torch.tensor(mean), "lesion_inputs.sd": torch.tensor(sd)})
         data = {}
         for name, ids in (("train", inner_train), ("val", inner_val), ("test", test_ids), ("fold_train", train_ids)):
             if ids:
                 data[name] = _subset(patients, lesions, images, clin(ids) if use_clin else None, ids,
-                                     targets if name == "train" else None)
+                                     targets if name == "train" else None, inputs)
         model = make_model(config, pre.n_features)
         if config.weights and model.encoder is not None:
             load_pretrained(model, config.weights)
@@ -895,6 +935,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--aux-targets", default=d.aux_targets,
                    help=f"comma-separated auxiliary lesion targets from {', '.join(AUX_TARGETS)} "
                         f"(default {d.aux_targets})")
+    p.add_argument("--lesion-inputs", default=d.lesion_inputs,
+                   help=f"comma-separated measured lesion quantities from {', '.join(AUX_TARGETS)} added "
+                        "linearly to each lesion's log-hazard beside the image (default: none; docs/METHOD.md, "
+                        "ninth round)")
     p.add_argument("--selection", choices=SELECTIONS, default=d.selection,
                    help="last = fixed schedule on the whole training fold (default); val_* = inner split")
     p.add_argument("--covariates", choices=COXPH_COVARIATES, default=d.covariates,

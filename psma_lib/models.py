@@ -19,7 +19,10 @@ about -0.3 = soft tissue, 1 = dense cortical bone). A lesion-mask channel (0/1) 
 
 Modalities: ``clinical`` (clinical features -> MLP -> log-hazard), ``imaging`` (image embedding ->
 log-hazard; refuses clinical input), ``multimodal`` (image embedding concatenated with the
-clinical features -> one log-hazard).
+clinical features -> one log-hazard). An image model may also take measured quantities of each
+lesion (``n_lesion_inputs``: standardised log SUVmax, log volume, ... from the crop stage's lesion
+table) as a *linear* term added to the lesion's log-hazard: the table's reading of the lesion is
+then exact, and the network's part is what the pixels add to it (docs/METHOD.md, ninth round).
 
 Lesions -> patient (:func:`aggregate_lesion_risks`): ``sum`` (the default of ``psma-pfs cv`` and
 the book: the patient's hazard is the sum of the lesions' hazards, ``log sum_l exp(h_l)``;
@@ -226,18 +229,28 @@ class SurvivalModel(nn.Module):
     ``imaging`` raises if given clinical features (no clinical information can reach it);
     ``clinical`` raises if given images. With ``attention=True`` use :meth:`forward_bags`.
     ``head="concepts"`` (:data:`~psma_lib.vocabulary.RISK_HEADS`) scores a lesion linearly from
-    its ``n_aux`` auxiliary predictions instead of from the embedding.
+    its ``n_aux`` auxiliary predictions instead of from the embedding. ``n_lesion_inputs > 0`` adds
+    a linear term in the lesion's measured quantities ``lesion_inputs`` ``[B, n_lesion_inputs]``
+    (standardised, given with every call) to its log-hazard; not for attention pooling.
 
     >>> m = SurvivalModel("multimodal", "resnet18", n_clinical=4)
     >>> m(torch.zeros(3, 2, 32, 32), torch.zeros(3, 4)).shape
     torch.Size([3])
     >>> SurvivalModel("imaging", "resnet18", n_aux=5, head="concepts").head
     Linear(in_features=5, out_features=1, bias=True)
+    >>> m = SurvivalModel("imaging", "resnet18", n_lesion_inputs=2).eval()
+    >>> x, z = torch.zeros(3, 2, 32, 32), torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    >>> with torch.no_grad():
+    ...     _ = m.lesion_linear.weight.copy_(torch.tensor([[0.5, -1.0]]))
+    ...     h = m(x, lesion_inputs=z)
+    >>> [round(v, 3) for v in (h - h[0]).tolist()]
+    [0.0, 0.5, -1.0]
     """
 
     def __init__(self, modality: str, backbone: str = "resnet18", *, n_clinical: int = 0,
                  view: str = "axial", hidden: int = 32, dropout: float = 0.2, attention: bool = False,
-                 n_aux: int = 0, in_channels: int = 2, head: str = "mlp", stem: str = "standard"):
+                 n_aux: int = 0, in_channels: int = 2, head: str = "mlp", stem: str = "standard",
+                 n_lesion_inputs: int = 0):
         super().__init__()
         if modality not in MODALITIES:
             raise InputError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
@@ -248,6 +261,9 @@ class SurvivalModel(nn.Module):
         if head == "concepts" and (modality == "clinical" or n_aux <= 0):
             raise InputError("the concepts head scores the auxiliary head's predictions: it needs an image "
                              "model with auxiliary targets (n_aux > 0)")
+        if n_lesion_inputs and (modality == "clinical" or attention):
+            raise InputError("measured lesion inputs are added to each lesion's log-hazard: they need an image "
+                             "model that scores lesions (not clinical, not attention pooling)")
         self.modality, self.attention, self.head_kind = modality, attention, head
         self.n_clinical = n_clinical if modality != "imaging" else 0
         self.encoder = ImageEncoder(backbone, view, in_channels, stem) if modality != "clinical" else None
@@ -263,8 +279,13 @@ class SurvivalModel(nn.Module):
             self.head = nn.Sequential(
                 nn.Dropout(dropout), nn.Linear(image_dim + self.n_clinical, hidden), nn.ReLU(), nn.Linear(hidden, 1),
             )
+        # the table's reading of the lesion, exact and linear; the head above learns what the image adds
+        self.lesion_linear = nn.Linear(n_lesion_inputs, 1, bias=False) if n_lesion_inputs else None
 
-    def _check_inputs(self, images, clinical):
+    def _check_inputs(self, images, clinical, lesion_inputs=None):
+        if (self.lesion_linear is None) != (lesion_inputs is None):
+            raise ValueError("measured lesion inputs must be given exactly when the model takes them "
+                             f"(n_lesion_inputs={0 if self.lesion_linear is None else self.lesion_linear.in_features})")
         if self.modality == "imaging" and clinical is not None:
             raise ValueError("imaging modality must not receive clinical features")
         if self.modality == "clinical" and images is not None:
@@ -275,32 +296,38 @@ class SurvivalModel(nn.Module):
             raise ValueError(f"{self.modality} modality needs images")
 
     def _head(self, embedding: torch.Tensor | None, clinical: torch.Tensor | None,
-              aux: torch.Tensor | None = None) -> torch.Tensor:
+              aux: torch.Tensor | None = None, lesion_inputs: torch.Tensor | None = None) -> torch.Tensor:
         """Log-hazards from the embedding (``mlp``) or from the auxiliary predictions ``aux``
-        (``concepts``), with the clinical features beside them."""
+        (``concepts``), with the clinical features beside them, plus the linear term in the
+        measured lesion inputs where the model takes them."""
         image = aux if self.head_kind == "concepts" else embedding
         parts = [t for t in (image, clinical) if t is not None]
-        return self.head(torch.cat(parts, dim=1)).squeeze(1)
+        log_hazard = self.head(torch.cat(parts, dim=1)).squeeze(1)
+        if self.lesion_linear is not None:
+            log_hazard = log_hazard + self.lesion_linear(lesion_inputs.to(log_hazard.dtype)).squeeze(1)
+        return log_hazard
 
-    def forward(self, images: torch.Tensor | None = None, clinical: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_with_aux(images, clinical)[0]
+    def forward(self, images: torch.Tensor | None = None, clinical: torch.Tensor | None = None,
+                lesion_inputs: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_aux(images, clinical, lesion_inputs)[0]
 
-    def forward_with_aux(self, images: torch.Tensor | None = None, clinical: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward_with_aux(self, images: torch.Tensor | None = None, clinical: torch.Tensor | None = None,
+                         lesion_inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Lesion log-hazards ``[B]`` and auxiliary predictions ``[B, n_aux]`` (None without)."""
-        self._check_inputs(images, clinical)
-        return self.score_embedding(self.encoder(images) if self.encoder is not None else None, clinical)
+        self._check_inputs(images, clinical, lesion_inputs)
+        return self.score_embedding(self.encoder(images) if self.encoder is not None else None, clinical,
+                                    lesion_inputs)
 
-    def score_embedding(self, embedding: torch.Tensor | None, clinical: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def score_embedding(self, embedding: torch.Tensor | None, clinical: torch.Tensor | None = None,
+                        lesion_inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`forward_with_aux` after the encoder: lesion log-hazards and auxiliary predictions
         from image embeddings ``[B, dim]`` (a data-parallel step gathers these across ranks)."""
         aux = self.aux_head(embedding) if self.aux_head is not None else None
-        return self._head(embedding, clinical, aux), aux
+        return self._head(embedding, clinical, aux, lesion_inputs), aux
 
     def forward_bags(self, images: torch.Tensor, bag_index: torch.Tensor, n_bags: int,
-                     clinical: torch.Tensor | None = None, aggregation: str = "sum"
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     clinical: torch.Tensor | None = None, aggregation: str = "sum",
+                     lesion_inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Patient log-hazards ``[n_bags]`` from lesions ``images`` ``[L, ...]``, and the lesions'
         auxiliary predictions ``[L, n_aux]`` (None without).
 
@@ -309,18 +336,19 @@ class SurvivalModel(nn.Module):
         with a softmax over each patient's lesions (segment softmax via scatter, no padding, any
         bag sizes); any other model scores each lesion and combines the log-hazards with
         :func:`segment_aggregate` (``aggregation``), so the Cox loss acts on the patient's risk.
+        ``lesion_inputs`` are per lesion ``[L, n_lesion_inputs]``.
         """
-        self._check_inputs(images, clinical)
-        return self.score_bags(self.encoder(images), bag_index, n_bags, clinical, aggregation)
+        self._check_inputs(images, clinical, lesion_inputs)
+        return self.score_bags(self.encoder(images), bag_index, n_bags, clinical, aggregation, lesion_inputs)
 
     def score_bags(self, emb: torch.Tensor, bag_index: torch.Tensor, n_bags: int,
-                   clinical: torch.Tensor | None = None, aggregation: str = "sum"
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   clinical: torch.Tensor | None = None, aggregation: str = "sum",
+                   lesion_inputs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """:meth:`forward_bags` after the encoder, from the lesions' embeddings ``[L, dim]``."""
         aux = self.aux_head(emb) if self.aux_head is not None else None
         if not self.attention:
             lesion_clinical = None if clinical is None else clinical[bag_index]
-            log_hazard = self._head(emb, lesion_clinical, aux)
+            log_hazard = self._head(emb, lesion_clinical, aux, lesion_inputs)
             return segment_aggregate(log_hazard, bag_index, n_bags, aggregation), aux
         score = self.attention_score(emb).squeeze(1).float()
         bag_max = torch.full((n_bags,), -torch.inf, device=score.device).scatter_reduce(

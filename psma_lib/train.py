@@ -83,7 +83,9 @@ class SurvivalData:
     ``time`` / ``event`` / ``clinical`` are per patient ``[P]``, ``[P]``, ``[P, F]``;
     ``images`` per lesion ``[L, 2, H, W]`` (2D axial), ``[L, 3, 2, S, S]`` (orthogonal) or
     ``[L, 2, D, H, W]`` (3D) in physical units; ``lesion_patient`` ``[L]`` int64 row in ``0..P-1``;
-    ``lesion_targets`` ``[L, T]`` float32 auxiliary targets (NaN = unknown), only for training.
+    ``lesion_targets`` ``[L, T]`` float32 auxiliary targets (NaN = unknown), only for training;
+    ``lesion_inputs`` ``[L, K]`` float32 standardised measured lesion quantities for a model that
+    takes them (every set: they are inputs, not targets).
     """
 
     time: torch.Tensor
@@ -92,6 +94,7 @@ class SurvivalData:
     images: torch.Tensor | None = None
     lesion_patient: torch.Tensor | None = None
     lesion_targets: torch.Tensor | None = None
+    lesion_inputs: torch.Tensor | None = None
 
     @property
     def n_patients(self) -> int:
@@ -99,8 +102,8 @@ class SurvivalData:
 
     def to(self, device: torch.device) -> SurvivalData:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return SurvivalData(move(self.time), move(self.event), move(self.clinical),
-                            move(self.images), move(self.lesion_patient), move(self.lesion_targets))
+        return SurvivalData(move(self.time), move(self.event), move(self.clinical), move(self.images),
+                            move(self.lesion_patient), move(self.lesion_targets), move(self.lesion_inputs))
 
 
 @dataclass
@@ -189,6 +192,7 @@ class Batch(NamedTuple):
     event: torch.Tensor
     bags: tuple[torch.Tensor, int] | None
     targets: torch.Tensor | None
+    lesion_inputs: torch.Tensor | None = None
 
 
 class _Batches:
@@ -228,10 +232,10 @@ class _Batches:
         if self.unit == "lesion":
             pid = d.lesion_patient[idx]
             return Batch(d.images[idx[lesions]], pick(d.clinical, pid), d.time[pid], d.event[pid], None,
-                         pick(d.lesion_targets, idx))
+                         pick(d.lesion_targets, idx), pick(d.lesion_inputs, idx))
         rows, bag = self.bag_lesions(idx)
         return Batch(d.images[rows[lesions]], pick(d.clinical, idx), d.time[idx], d.event[idx],
-                     (bag, len(idx)), pick(d.lesion_targets, rows))
+                     (bag, len(idx)), pick(d.lesion_targets, rows), pick(d.lesion_inputs, rows))
 
 
 def _unit(model: SurvivalModel, unit: str = "patient") -> str:
@@ -248,8 +252,9 @@ def _forward(model: SurvivalModel, batch: Batch, aggregation: str) -> tuple[torc
         return model(None, batch.clinical), None
     clinical = None if model.modality == "imaging" else batch.clinical
     if batch.bags is not None:
-        return model.forward_bags(batch.images, batch.bags[0], batch.bags[1], clinical, aggregation)
-    return model.forward_with_aux(batch.images, clinical)
+        return model.forward_bags(batch.images, batch.bags[0], batch.bags[1], clinical, aggregation,
+                                  batch.lesion_inputs)
+    return model.forward_with_aux(batch.images, clinical, batch.lesion_inputs)
 
 
 def _score(model: SurvivalModel, embedding: torch.Tensor, batch: Batch, aggregation: str
@@ -257,8 +262,9 @@ def _score(model: SurvivalModel, embedding: torch.Tensor, batch: Batch, aggregat
     """:func:`_forward` after the image encoder, from the batch's lesion embeddings."""
     clinical = None if model.modality == "imaging" else batch.clinical
     if batch.bags is not None:
-        return model.score_bags(embedding, batch.bags[0], batch.bags[1], clinical, aggregation)
-    return model.score_embedding(embedding, clinical)
+        return model.score_bags(embedding, batch.bags[0], batch.bags[1], clinical, aggregation,
+                                batch.lesion_inputs)
+    return model.score_embedding(embedding, clinical, batch.lesion_inputs)
 
 
 def _batch_loss(log_hazard: torch.Tensor, aux: torch.Tensor | None, batch: Batch, aux_weight: float | None
@@ -352,7 +358,7 @@ def _evaluate(model, data: SurvivalData, aggregation: str, bf16: bool) -> dict[s
 
 class _GraphedStep:
     """The whole train step captured in a CUDA graph with static input buffers (lesion units
-    without auxiliary targets: the only ones with static shapes)."""
+    without auxiliary targets or lesion inputs: the only ones with static shapes)."""
 
     def __init__(self, model, optimizer, example: Batch, bf16: bool, aggregation: str):
         self.model, self.optimizer, self.aggregation = model, optimizer, aggregation
@@ -470,7 +476,7 @@ class Trainer:
         if self.is_cuda:
             torch.backends.cudnn.benchmark = True
         want_graph = (self.is_cuda and config.cuda_graph and self.unit == "lesion" and not self.use_aux
-                      and not config.compile)
+                      and model.lesion_linear is None and not config.compile)
         self.notes: list[str] = []
         self.world = distributed.world_size()
         self.ddp: DistributedDataParallel | None = None

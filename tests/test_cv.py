@@ -502,6 +502,53 @@ def test_cv_on_cuda_trains_patient_bags_with_auxiliary_targets(tiny_crops, tmp_p
     assert np.isfinite(history["train_loss"]).all()
 
 
+def test_lesion_inputs_are_scaled_on_training_lesions_and_reproduce_the_oof_log_hazards(tiny_crops, tmp_path):
+    from psma_lib.cv import lesion_target_values, standardise_inputs
+
+    config = CVConfig(modality="imaging", lesion_inputs="log_volume,log_suvmax", **{**TINY, "epochs": 1})
+    result = run_cv(tiny_crops, tmp_path / "cv", config)
+    tensors = load_file(result.out_dir / "checkpoints" / "fold0.safetensors")
+    state, pre, stored = load_checkpoint(result.out_dir / "checkpoints" / "fold0.safetensors")
+    assert stored["lesion_inputs"] == "log_volume,log_suvmax" and state["lesion_linear.weight"].shape == (1, 2)
+    crops = load_crops(tiny_crops)
+    lesions = crops.lesions.astype({"patient_id": str})
+    values = lesion_target_values(lesions, ("log_volume", "log_suvmax"))
+    folds = _read(result.out_dir, "folds.csv")
+    train = lesions["patient_id"].isin(folds.loc[folds["fold"] != 0, "patient_id"]).to_numpy()
+    mean, sd = tensors["lesion_inputs.mean"].numpy(), tensors["lesion_inputs.sd"].numpy()
+    np.testing.assert_allclose(mean, values[train].mean(axis=0))  # the training fold's lesions
+    assert not np.allclose(mean, values.mean(axis=0))  # not every lesion's
+    np.testing.assert_allclose(sd, values[train].std(axis=0))
+    # the stored scaling and weights give the out-of-fold lesion log-hazards back
+    model = make_model(CVConfig(**stored), pre.n_features)
+    model.load_state_dict(state)
+    test_rows = ~lesions["patient_id"].isin(folds.loc[folds["fold"] != 0, "patient_id"]).to_numpy()
+    ids = list(dict.fromkeys(lesions.loc[test_rows, "patient_id"]))
+    data = SurvivalData(torch.ones(len(ids)), torch.ones(len(ids), dtype=torch.long), None,
+                        image_inputs(crops, lesions, config.backbone, config.view)[test_rows],
+                        torch.tensor(lesions.loc[test_rows, "patient_id"].map({p: i for i, p in enumerate(ids)})
+                                     .to_numpy()),
+                        lesion_inputs=standardise_inputs(values[test_rows], mean, sd))
+    _, lesion_lh = predict(model, data, config.aggregation)
+    oof = result.oof_lesions
+    expected = oof[oof["fold"] == 0].set_index("lesion_id").loc[lesions.loc[test_rows, "lesion_id"], "log_hazard"]
+    np.testing.assert_allclose(lesion_lh, expected.to_numpy(), atol=1e-5)
+    with torch.no_grad():  # and the linear term is part of them
+        model.lesion_linear.weight.add_(1.0)
+    assert not np.allclose(predict(model, data, config.aggregation)[1], lesion_lh, atol=1e-3)
+    assert "lesion_inputs" not in CVConfig(modality="imaging").run_defining()
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"lesion_inputs": "log_volume,size"}, "lesion_inputs must name"),
+    ({"lesion_inputs": "log_volume", "aggregation": "attention"}, "not attention pooling"),
+    ({"lesion_inputs": "bone", "modality": "clinical"}, "need a resnet model"),
+])
+def test_lesion_inputs_refused_where_they_cannot_be_added(changes, match):
+    with pytest.raises(InputError, match=match):
+        CVConfig(**{"modality": "imaging", **changes}).validate()
+
+
 def test_auxiliary_targets_are_scaled_on_training_lesions_only():
     from psma_lib.cv import lesion_target_values, standardise_targets
 
