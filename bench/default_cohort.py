@@ -18,7 +18,9 @@ aggregation (mean and 95th percentile of 200 draws) and the oracle (true linear 
 ΔC of the runs against the count baseline, the strongest Cox baseline and (for a variant) the
 book's runs (issue 7's item 4: imaging − count ≥ 0.03, multimodal ≥ 0.77); the lesion-level truth
 recovery of the imaging run (Spearman with the true lesion properties; necrosis partial given
-volume and SUVmax). ``--table`` prints one row per seed of a variant already run.
+volume and SUVmax) and, with ``--lesion-inputs``, of the network's part of its lesion scores alone
+(the log-hazard less the linear term in the measured quantities). ``--table`` prints one row per
+seed of a variant already run.
 
 Usage (the book's runs are read back from ``make book``'s results folder, or computed there:
 about 7 minutes per new cohort seed on 2 CPU cores; a variant adds its own runs, e.g. about 14
@@ -45,6 +47,8 @@ import pandas as pd
 from psma_lib import book, comparison, pipeline
 from psma_lib.analysis import oracle_c_index
 from psma_lib.io import write_json
+from psma_lib.metrics import paired_bootstrap_delta_c
+from psma_lib.models import aggregate_lesion_risks
 from psma_lib.recovery import lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
@@ -52,7 +56,9 @@ from psma_lib.vocabulary import STEMS
 
 BASELINES = {"lesion count (Cox)": "count", "biomarkers (Cox)": "biomarkers",
              "biomarkers + CT density (Cox)": "biomarkers+ct"}
-SHORT = {"lesion count": "count", "biomarkers + CT density": "bio+CT", "imaging": "book", "multimodal": "book"}
+TABLE_PART = "its linear term in the measured quantities alone"
+SHORT = {"lesion count": "count", "biomarkers + CT density": "bio+CT", "imaging": "book", "multimodal": "book",
+         TABLE_PART: "linear term"}
 NOISE_MEAN, NOISE_P95 = "noise through the aggregation: mean of 200", "noise through the aggregation: 95th pct"
 
 
@@ -78,11 +84,12 @@ def seed_table(out: Path, profile: str, variant: str) -> pd.DataFrame:
         c = {r["model"]: r["fold_mean"] for r in record["summary"]}
         row = {"seed": int(path.stem.split("-seed")[1].split("-")[0]), "count": c["lesion count (Cox)"],
                "biomarkers + CT": c["biomarkers + CT density (Cox)"],
-               "noise p95": c.get(NOISE_P95), "imaging": c[f"imaging ({variant})"],
+               "noise p95": c.get(NOISE_P95), "linear term": c.get(TABLE_PART), "imaging": c[f"imaging ({variant})"],
                "multimodal": c.get(f"multimodal ({variant})"), "oracle": c.get("oracle (true linear predictor)")}
         for d in record["deltas"]:
             a, b = d["comparison"].split(" − ")
-            if b in ("lesion count (Cox)", "biomarkers + CT density (Cox)", "imaging (book)", "multimodal (book)"):
+            if b in ("lesion count (Cox)", "biomarkers + CT density (Cox)", "imaging (book)", "multimodal (book)",
+                     TABLE_PART):
                 name = f"{a.split(' (')[0]} − {SHORT[b.split(' (')[0]]}"
                 row[name] = d["delta"]
                 row[f"{name} 95 % CI"] = f"({d['ci_low']:+.3f}, {d['ci_high']:+.3f})"
@@ -162,22 +169,42 @@ def main() -> None:
     if changes:
         pairs += [(f"{m} ({variant})", f"{m} (book)") for m in modalities]
     deltas = comparison.delta_table(folders, pairs, n_boot=args.n_boot, seed=s.seed)
+    for m in modalities:  # with lesion inputs: the run against its own linear term alone (the table's part)
+        run = runs[f"{m} ({variant})"]
+        if "input_term" in run.oof_lesions:
+            oof_m = run.oof.sort_values("patient_id").reset_index(drop=True)
+            table_part = aggregate_lesion_risks(run.oof_lesions, run.config.aggregation, column="input_term")
+            d = paired_bootstrap_delta_c(oof_m["pfs_months"], oof_m["event"], oof_m["risk"],
+                                         table_part.loc[oof_m["patient_id"]].to_numpy(), n_boot=args.n_boot,
+                                         seed=s.seed, folds=oof_m["fold"])
+            if m == modalities[0]:
+                summary.loc[len(summary), ["model", "fold_mean"]] = [TABLE_PART, d.c_b]
+            deltas.loc[len(deltas)] = {"comparison": f"{m} ({variant}) − {TABLE_PART}", "c_a": d.c_a,
+                                       "c_b": d.c_b, "delta": d.delta, "ci_low": d.lo, "ci_high": d.hi,
+                                       "p_value": d.p_value}
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(f"\nprofile {s.profile}, cohort seed {s.seed}, {len(oof)} patients, {s.folds} folds; the book's "
               f"ResNets: {book_config.epochs} epochs, {book_config.stem} stem; variant: {variant}; "
               f"training (0: read back): {seconds} s\n")
         print(summary.to_string(index=False), "\n")
         print(deltas.to_string(index=False), "\n")
-        recovered = None
+        recovered = network_part = None
         if crops.synthetic:
-            table = lesion_truth_table(runs[read].oof_lesions, load_lesion_truth(book.cohort(s).root))
-            recovered = truth_recovery(table, n_boot=1000, seed=s.seed)
+            lesion_truth = load_lesion_truth(book.cohort(s).root)
+            scores = runs[read].oof_lesions
+            recovered = truth_recovery(lesion_truth_table(scores, lesion_truth), n_boot=1000, seed=s.seed)
             print(f"lesion truth recovery of {read}:\n{recovered.to_string()}\n")
+            if "input_term" in scores:  # what the network adds to the linear term in the measured quantities
+                network = scores.assign(log_hazard=scores["log_hazard"] - scores["input_term"])
+                network_part = truth_recovery(lesion_truth_table(network, lesion_truth), n_boot=1000, seed=s.seed)
+                print(f"lesion truth recovery of {read}, the network's part alone:\n{network_part.to_string()}\n")
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"default_cohort-{s.profile}-seed{s.seed}-{variant}.json"
     write_json(path, {"summary": summary.to_dict("records"), "deltas": deltas.to_dict("records"),
                       "truth_recovery": None if recovered is None else recovered.reset_index().to_dict("records"),
+                      "truth_recovery_network_part": None if network_part is None
+                      else network_part.reset_index().to_dict("records"),
                       "train_seconds": seconds, "changes": changes, "runs": {k: str(v) for k, v in folders.items()},
                       "provenance": provenance(bench="default_cohort")})
     print(f"written {path}")

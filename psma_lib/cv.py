@@ -62,6 +62,7 @@ from .train import (
     SurvivalData,
     TrainConfig,
     fit,
+    fit_lesion_linear,
     predict,
     resolve_device,
 )
@@ -261,7 +262,9 @@ class CVResult:
 
     @property
     def oof_lesions(self) -> pd.DataFrame:
-        """``patient_id, lesion_id, log_hazard, ...``: image models' out-of-fold lesion log-hazards."""
+        """``patient_id, lesion_id, fold, log_hazard``: image models' out-of-fold lesion log-hazards;
+        with lesion inputs also ``input_term``, the part of ``log_hazard`` that is the linear term
+        in the lesion's measured quantities (the rest is the network's)."""
         return _read_table(self.out_dir / "oof_lesion_predictions.csv")
 
 
@@ -564,7 +567,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         n_val = len(inner_val)
         use_clin = config.modality != "imaging"
         use_aux = config.aux_weight > 0 and config.modality != "clinical"
-        targets = inputs = None
+        targets = inputs = input_term = None
         inner_rows = lesions["patient_id"].isin(inner_train).to_numpy()
         if use_aux:
             values = lesion_target_values(lesions, aux_target_names(config.aux_targets))
@@ -582,8 +585,15 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         model = make_model(config, pre.n_features)
         if config.weights and model.encoder is not None:
             load_pretrained(model, config.weights)
-        model.to(device)
         aggregation = "mean" if config.aggregation == "attention" else config.aggregation
+        if model.lesion_linear is not None:  # the table's reading, fitted on the training patients and kept
+            train_set = data["train"][0]
+            weight = fit_lesion_linear(train_set.lesion_inputs, train_set.lesion_patient, train_set.time,
+                                       train_set.event, aggregation, COXPH_PENALIZER)
+            with torch.no_grad():
+                model.lesion_linear.weight.copy_(weight.unsqueeze(0))
+            model.lesion_linear.weight.requires_grad_(False)
+        model.to(device)
         train_cfg = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                                 weight_decay=config.weight_decay, aggregation=aggregation,
                                 unit=config.unit, aux_weight=config.aux_weight if use_aux else 0.0,
@@ -599,6 +609,9 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         test_risk, test_lh = predict(model, data["test"][0].to(device), aggregation, **scoring)
         train_risk, _ = predict(model, data["fold_train"][0].to(device), aggregation, **scoring)
         test_les = data["test"][1]
+        if model.lesion_linear is not None:
+            weight = model.lesion_linear.weight.detach().double().cpu()[0]
+            input_term = (data["test"][0].lesion_inputs.double() @ weight).numpy()
         if test_lh is None:  # clinical model: each lesion carries its patient's log-hazard
             test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
     test_p = by_id.loc[test_ids]
@@ -606,6 +619,8 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
                         "pfs_months": test_p["pfs_months"].to_numpy(), "event": test_p["event"].to_numpy()})
     oof_les = pd.DataFrame({"patient_id": test_les["patient_id"], "lesion_id": test_les["lesion_id"],
                             "fold": k, "log_hazard": test_lh})
+    if config.lesion_inputs:
+        oof_les["input_term"] = input_term
     les_outcome = test_les["patient_id"].map(by_id["pfs_months"]), test_les["patient_id"].map(by_id["event"])
     fold_result = {
         "fold": k, "seed": seed, "n_train_patients": len(train_ids), "n_val_patients": n_val,

@@ -231,7 +231,8 @@ class SurvivalModel(nn.Module):
     ``head="concepts"`` (:data:`~psma_lib.vocabulary.RISK_HEADS`) scores a lesion linearly from
     its ``n_aux`` auxiliary predictions instead of from the embedding. ``n_lesion_inputs > 0`` adds
     a linear term in the lesion's measured quantities ``lesion_inputs`` ``[B, n_lesion_inputs]``
-    (standardised, given with every call) to its log-hazard; not for attention pooling.
+    (standardised, given with every call) to its log-hazard; the head's last layer then starts at 0,
+    so an untrained model is that linear term alone. Not for attention pooling.
 
     >>> m = SurvivalModel("multimodal", "resnet18", n_clinical=4)
     >>> m(torch.zeros(3, 2, 32, 32), torch.zeros(3, 4)).shape
@@ -279,8 +280,13 @@ class SurvivalModel(nn.Module):
             self.head = nn.Sequential(
                 nn.Dropout(dropout), nn.Linear(image_dim + self.n_clinical, hidden), nn.ReLU(), nn.Linear(hidden, 1),
             )
-        # the table's reading of the lesion, exact and linear; the head above learns what the image adds
+        # the table's reading of the lesion, exact and linear (weights fitted before training and kept,
+        # psma_lib.train.fit_lesion_linear); the head starts at 0 and learns what the image adds to it
         self.lesion_linear = nn.Linear(n_lesion_inputs, 1, bias=False) if n_lesion_inputs else None
+        if self.lesion_linear is not None:
+            last = self.head if isinstance(self.head, nn.Linear) else self.head[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def _check_inputs(self, images, clinical, lesion_inputs=None):
         if (self.lesion_linear is None) != (lesion_inputs is None):

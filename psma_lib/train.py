@@ -18,6 +18,12 @@ Training units (``TrainConfig.unit``):
 and log volume from the lesion table, ``SurvivalData.lesion_targets``) from the image embedding:
 a regulariser that needs no outcome, fitted on the training patients only.
 
+Measured lesion inputs (``SurvivalData.lesion_inputs``, a model with ``n_lesion_inputs``): the
+linear term's weights are fitted before the network by :func:`fit_lesion_linear` (a Cox model
+of the training patients whose lesion log-hazards are linear in the inputs, combined with the
+run's aggregation) and stay fixed while the network trains; the head's last layer starts at 0, so
+the model starts as that table model and the network learns what the pixels add to it.
+
 Model selection (``TrainConfig.selection``): ``last`` trains a fixed schedule (cosine-decayed
 learning rate) on every training patient and keeps the final weights; ``val_loss`` /
 ``val_c_index`` keep the best epoch on an inner validation set (with early stopping).
@@ -331,6 +337,47 @@ def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = DEFAULT
             patient = (aggregate_lesion_risks(frame, aggregation, column="h", by="p")
                        .reindex(range(data.n_patients)).to_numpy())
     return patient, lesion
+
+
+def fit_lesion_linear(inputs: torch.Tensor, lesion_patient: torch.Tensor, time: torch.Tensor,
+                      event: torch.Tensor, aggregation: str = DEFAULT_AGGREGATION,
+                      penalizer: float = 0.01) -> torch.Tensor:
+    """Weights ``[K]`` (float64) of a Cox model whose lesion log-hazards are linear in ``inputs``.
+
+    The patients' risks are the lesions' ``inputs @ w`` combined with ``aggregation``
+    (:func:`~psma_lib.models.segment_aggregate`); ``w`` minimises the Efron negative log partial
+    likelihood over the number of patients plus ``penalizer / 2 * |w|^2`` -- lifelines'
+    ``CoxPHFitter(penalizer=...)`` objective, which it equals for one lesion per patient
+    (tests/test_cox.py compares them). L-BFGS from 0, in float64.
+
+    Args:
+        inputs: ``[L, K]`` standardised measured quantities of the lesions.
+        lesion_patient: ``[L]`` int64 patient row of each lesion in ``0..P-1``.
+        time, event: ``[P]`` the patients' times and 0/1 events.
+
+    >>> z = torch.tensor([[1.0], [0.0], [-1.0], [0.5]])
+    >>> w = fit_lesion_linear(z, torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, 1, 1, 0]))
+    >>> w.shape, bool(w[0] > 0)  # the higher input had the earlier event
+    (torch.Size([1]), True)
+    """
+    from .models import segment_aggregate
+
+    z = inputs.detach().double().cpu()
+    bags, n = lesion_patient.detach().cpu(), int(time.shape[0])
+    time, event = time.detach().double().cpu(), event.detach().cpu()
+    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14,
+                                  line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        risk = segment_aggregate(z @ w, bags, n, aggregation)
+        loss = neg_partial_log_likelihood(risk, time, event, reduction="sum") / n + penalizer / 2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return w.detach()
 
 
 def patient_loss(risk: np.ndarray, data: SurvivalData) -> tuple[float, float]:

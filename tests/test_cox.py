@@ -297,3 +297,20 @@ def test_cuda_graph_capture_replays_loss_and_gradient_of_new_data():
     expected.backward()
     assert static_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(eta.grad.cpu().double(), expected_eta.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_lesion_linear_fit_matches_penalised_lifelines_on_rossi(rossi):
+    """One lesion per patient: :func:`fit_lesion_linear` is lifelines' penalised Cox model; two
+    identical lesions per patient summed only add log 2 to every risk, which the Cox model ignores."""
+    from psma_lib.train import fit_lesion_linear
+
+    x = rossi[ROSSI_COVARIATES]
+    z = (x - x.mean()) / x.std(ddof=0)
+    cph = CoxPHFitter(penalizer=0.01).fit(z.assign(week=rossi["week"], arrest=rossi["arrest"]), "week", "arrest")
+    inputs = torch.tensor(z.to_numpy(), dtype=torch.float32)
+    time, event = torch.tensor(rossi["week"].to_numpy(), dtype=torch.float64), torch.tensor(rossi["arrest"].to_numpy())
+    n = len(rossi)
+    one = fit_lesion_linear(inputs, torch.arange(n), time, event, "sum", penalizer=0.01)
+    np.testing.assert_allclose(one.numpy(), cph.params_[ROSSI_COVARIATES].to_numpy(), atol=1e-4, rtol=0)
+    two = fit_lesion_linear(inputs.repeat(2, 1), torch.arange(n).repeat(2), time, event, "sum", penalizer=0.01)
+    np.testing.assert_allclose(two.numpy(), one.numpy(), atol=1e-5)

@@ -503,7 +503,8 @@ def test_cv_on_cuda_trains_patient_bags_with_auxiliary_targets(tiny_crops, tmp_p
 
 
 def test_lesion_inputs_are_scaled_on_training_lesions_and_reproduce_the_oof_log_hazards(tiny_crops, tmp_path):
-    from psma_lib.cv import lesion_target_values, standardise_inputs
+    from psma_lib.cv import COXPH_PENALIZER, lesion_target_values, standardise_inputs
+    from psma_lib.train import fit_lesion_linear
 
     config = CVConfig(modality="imaging", lesion_inputs="log_volume,log_suvmax", **{**TINY, "epochs": 1})
     result = run_cv(tiny_crops, tmp_path / "cv", config)
@@ -519,6 +520,15 @@ def test_lesion_inputs_are_scaled_on_training_lesions_and_reproduce_the_oof_log_
     np.testing.assert_allclose(mean, values[train].mean(axis=0))  # the training fold's lesions
     assert not np.allclose(mean, values.mean(axis=0))  # not every lesion's
     np.testing.assert_allclose(sd, values[train].std(axis=0))
+    # the linear term is the training fold's lesion-level Cox model, kept while the network trained
+    train_ids = sorted(folds.loc[folds["fold"] != 0, "patient_id"])
+    outcome = crops.patients.astype({"patient_id": str}).set_index("patient_id").loc[train_ids]
+    fitted = fit_lesion_linear(standardise_inputs(values[train], mean, sd),
+                               torch.tensor(lesions.loc[train, "patient_id"].map({p: i for i, p in enumerate(train_ids)})
+                                            .to_numpy()),
+                               torch.tensor(outcome["pfs_months"].to_numpy()), torch.tensor(outcome["event"].to_numpy()),
+                               "sum", COXPH_PENALIZER)
+    np.testing.assert_allclose(state["lesion_linear.weight"][0].numpy(), fitted.numpy(), atol=1e-6)
     # the stored scaling and weights give the out-of-fold lesion log-hazards back
     model = make_model(CVConfig(**stored), pre.n_features)
     model.load_state_dict(state)
@@ -533,6 +543,10 @@ def test_lesion_inputs_are_scaled_on_training_lesions_and_reproduce_the_oof_log_
     oof = result.oof_lesions
     expected = oof[oof["fold"] == 0].set_index("lesion_id").loc[lesions.loc[test_rows, "lesion_id"], "log_hazard"]
     np.testing.assert_allclose(lesion_lh, expected.to_numpy(), atol=1e-5)
+    # the stored linear term is the weights times the scaled inputs
+    term = oof[oof["fold"] == 0].set_index("lesion_id").loc[lesions.loc[test_rows, "lesion_id"], "input_term"]
+    np.testing.assert_allclose(term, data.lesion_inputs.double().numpy() @ state["lesion_linear.weight"][0].double().numpy(),
+                               atol=1e-9)
     with torch.no_grad():  # and the linear term is part of them
         model.lesion_linear.weight.add_(1.0)
     assert not np.allclose(predict(model, data, config.aggregation)[1], lesion_lh, atol=1e-3)
