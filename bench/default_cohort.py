@@ -29,6 +29,9 @@ minutes for the two ``--stem no-maxpool`` ones)::
     .venv/bin/python bench/default_cohort.py --stem no-maxpool        # the book's cohort, seed 0
     .venv/bin/python bench/default_cohort.py --seed 1                 # another draw, the book's runs
     .venv/bin/python bench/default_cohort.py --table                  # one row per seed so far
+    .venv/bin/python bench/default_cohort.py --seed 1 --modalities imaging --lesion-inputs \
+log_suvmax,log_volume,log_suvmean_ratio,bone,hu_mean               # ninth round (docs/METHOD.md)
+    .venv/bin/python bench/default_cohort.py --patients 300            # a larger draw (records -n300)
 
 Every run is cached in the book's results folder under its own configuration key (the book never
 reads a run of a configuration it does not use); a record per seed and variant goes to ``--out``.
@@ -73,13 +76,22 @@ def variant_name(changes: dict) -> str:
     return "-".join(f"{k}_{str(v).replace(',', '+')}" for k, v in changes.items()) or "book"
 
 
-def seed_table(out: Path, profile: str, variant: str) -> pd.DataFrame:
+def record_prefix(profile: str, patients: int, profile_patients: int) -> str:
+    """Record file prefix: the profile, and the cohort size where it is not the profile's.
+
+    >>> record_prefix("quick", 99, 99), record_prefix("quick", 300, 99)
+    ('default_cohort-quick', 'default_cohort-quick-n300')
+    """
+    return f"default_cohort-{profile}" + (f"-n{patients}" if patients != profile_patients else "")
+
+
+def seed_table(out: Path, prefix: str, variant: str) -> pd.DataFrame:
     """One row per cohort seed recorded in ``out`` for ``profile`` and ``variant`` (read back,
     nothing recomputed): the baselines', the networks' and the oracle's fold-mean C, each network's
     ΔC to the count baseline (and, for a variant, to the book's run) with its paired CI, and the
     necrosis partial correlation."""
     rows = []
-    for path in sorted(out.glob(f"default_cohort-{profile}-seed*-{variant}.json")):
+    for path in sorted(out.glob(f"{prefix}-seed*-{variant}.json")):
         record = json.loads(path.read_text())
         c = {r["model"]: r["fold_mean"] for r in record["summary"]}
         row = {"seed": int(path.stem.split("-seed")[1].split("-")[0]), "count": c["lesion count (Cox)"],
@@ -99,7 +111,7 @@ def seed_table(out: Path, profile: str, variant: str) -> pd.DataFrame:
             row["necrosis 95 % CI"] = f"({necrosis[0]['ci_low']:+.3f}, {necrosis[0]['ci_high']:+.3f})"
         rows.append(row)
     if not rows:
-        raise SystemExit(f"no records of variant {variant!r} for profile {profile!r} in {out}")
+        raise SystemExit(f"no records {prefix}-seed*-{variant}.json in {out}")
     table = pd.DataFrame(rows).sort_values("seed")
     means = table.mean(numeric_only=True).drop("seed")
     return pd.concat([table, pd.DataFrame([{"seed": "mean", **means}])], ignore_index=True).fillna("")
@@ -116,6 +128,8 @@ def main() -> None:
     parser.add_argument("--modalities", default="imaging,multimodal",
                         help="the ResNets to train with the change (comma-separated; default both)")
     parser.add_argument("--seed", type=int, default=0, help="cohort and fold seed (the book's: 0)")
+    parser.add_argument("--patients", type=int, default=None,
+                        help="cohort size (default: the profile's; another size records under -n<patients>)")
     parser.add_argument("--output", default=None, help="the book's results folder (default: the profile's)")
     parser.add_argument("--out", type=Path, default=Path("_build/bench/default_cohort"))
     parser.add_argument("--n-boot", type=int, default=2000)
@@ -123,7 +137,8 @@ def main() -> None:
                         help="train nothing: one row per cohort seed of this variant already recorded in --out")
     args = parser.parse_args()
 
-    s = book.settings(profile=args.profile, output_dir=args.output, seed=args.seed)
+    s = book.settings(profile=args.profile, output_dir=args.output, seed=args.seed, patients=args.patients)
+    prefix = record_prefix(s.profile, s.patients, book.PROFILES[s.profile].patients)
     book_config = book.cv_config(s, "imaging")
     changes = {k: v for k, v in (("stem", args.stem), ("epochs", args.epochs), ("lesion_inputs", args.lesion_inputs))
                if v is not None and v != getattr(book_config, k)}
@@ -134,7 +149,7 @@ def main() -> None:
     if args.table:
         with pd.option_context("display.width", 300, "display.max_columns", 30,
                                "display.float_format", "{:.3f}".format):
-            print(seed_table(args.out, s.profile, variant).to_string(index=False))
+            print(seed_table(args.out, prefix, variant).to_string(index=False))
         return
 
     crops = book.crops(s)
@@ -200,7 +215,7 @@ def main() -> None:
                 print(f"lesion truth recovery of {read}, the network's part alone:\n{network_part.to_string()}\n")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"default_cohort-{s.profile}-seed{s.seed}-{variant}.json"
+    path = args.out / f"{prefix}-seed{s.seed}-{variant}.json"
     write_json(path, {"summary": summary.to_dict("records"), "deltas": deltas.to_dict("records"),
                       "truth_recovery": None if recovered is None else recovered.reset_index().to_dict("records"),
                       "truth_recovery_network_part": None if network_part is None

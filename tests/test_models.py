@@ -175,6 +175,25 @@ def test_patient_bags_score_lesions_then_aggregate():
     assert torch.allclose(patient, torch.stack(expected), atol=1e-5)
 
 
+def test_lesion_inputs_add_a_linear_term_to_each_lesion_before_aggregation():
+    torch.manual_seed(0)
+    model = SurvivalModel("multimodal", "resnet18", n_clinical=3, n_lesion_inputs=2).eval()
+    images, clinical, z = torch.rand(5, 2, 32, 32) * 10, torch.randn(2, 3), torch.randn(5, 2)
+    bag = torch.tensor([0, 1, 0, 1, 1])
+    with torch.no_grad():
+        assert torch.allclose(model(images, clinical[bag], z), model.lesion_linear(z)[:, 0])  # untrained: the term alone
+        model.lesion_linear.weight.copy_(torch.tensor([[0.7, -0.2]]))
+        model.head[-1].bias.fill_(0.3)  # a network part that is not 0
+        lesion = model(images, clinical[bag], z)
+        patient, _ = model.forward_bags(images, bag, 2, clinical, "sum", lesion_inputs=z)
+    assert torch.allclose(lesion, 0.3 + z @ torch.tensor([0.7, -0.2]), atol=1e-6)
+    assert torch.allclose(patient, torch.stack([torch.logsumexp(lesion[bag == b], 0) for b in range(2)]), atol=1e-5)
+    with pytest.raises(ValueError, match="measured lesion inputs"):
+        model(images, clinical[bag])
+    with pytest.raises(InputError, match="not clinical, not attention"):
+        SurvivalModel("imaging", "resnet18", attention=True, n_lesion_inputs=2)
+
+
 def test_auxiliary_loss_is_the_mse_over_known_targets():
     pred = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     targets = torch.tensor([[3.0, float("nan")], [1.0, float("nan")]])
