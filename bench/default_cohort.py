@@ -105,10 +105,11 @@ def seed_table(out: Path, prefix: str, variant: str) -> pd.DataFrame:
                 name = f"{a.split(' (')[0]} − {SHORT[b.split(' (')[0]]}"
                 row[name] = d["delta"]
                 row[f"{name} 95 % CI"] = f"({d['ci_low']:+.3f}, {d['ci_high']:+.3f})"
-        necrosis = [r for r in record["truth_recovery"] or [] if r["truth"] == "necrosis | volume, SUVmax"]
-        if necrosis:
-            row["necrosis partial ρ"] = necrosis[0]["spearman"]
-            row["necrosis 95 % CI"] = f"({necrosis[0]['ci_low']:+.3f}, {necrosis[0]['ci_high']:+.3f})"
+        for key, label in (("truth_recovery", "necrosis"), ("truth_recovery_network_part", "network part: necrosis")):
+            necrosis = [r for r in record.get(key) or [] if r["truth"] == "necrosis | volume, SUVmax"]
+            if necrosis:
+                row[f"{label} partial ρ"] = necrosis[0]["spearman"]
+                row[f"{label} 95 % CI"] = f"({necrosis[0]['ci_low']:+.3f}, {necrosis[0]['ci_high']:+.3f})"
         rows.append(row)
     if not rows:
         raise SystemExit(f"no records {prefix}-seed*-{variant}.json in {out}")
