@@ -68,7 +68,7 @@ from . import distributed
 from .cox import neg_partial_log_likelihood
 from .errors import InputError
 from .evaluation import concordance_index
-from .models import SurvivalModel, aggregate_lesion_risks
+from .models import SurvivalModel, aggregate_lesion_risks, segment_aggregate
 from .vocabulary import DEFAULT_AGGREGATION, INPUT_CHANNELS
 
 TRAINING_UNITS = ("patient", "lesion")
@@ -360,8 +360,6 @@ def fit_lesion_linear(inputs: torch.Tensor, lesion_patient: torch.Tensor, time: 
     >>> w.shape, bool(w[0] > 0)  # the higher input had the earlier event
     (torch.Size([1]), True)
     """
-    from .models import segment_aggregate
-
     z = inputs.detach().double().cpu()
     bags, n = lesion_patient.detach().cpu(), int(time.shape[0])
     time, event = time.detach().double().cpu(), event.detach().cpu()
