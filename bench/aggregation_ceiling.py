@@ -31,28 +31,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from lifelines import CoxPHFitter
 
-from psma_lib.cv import COXPH_PENALIZER, lesion_scaling, make_folds, standardise_inputs
+from psma_lib.cv import COXPH_PENALIZER, fit_coxph, lesion_scaling, make_folds, standardise_inputs
 from psma_lib.io import write_json
 from psma_lib.models import aggregate_lesion_risks
-from psma_lib.recovery import fold_mean_c
+from psma_lib.recovery import fold_mean_c, true_lesion_properties
 from psma_lib.repro import provenance
 from psma_lib.synthetic.outcome import sample_tables
 from psma_lib.train import fit_lesion_linear
 
 PATIENT_FEATURES = ["feature_uptake", "feature_burden", "feature_count", "feature_bone", "feature_necrosis"]
-
-
-def lesion_properties(lesions: pd.DataFrame) -> np.ndarray:
-    """``[L, 4]`` true log SUVmax, log volume, bone site (0/1) and necrosis of each lesion.
-
-    >>> lesion_properties(pd.DataFrame({"suvmax_true": [np.e], "volume_ml": [1.0], "site": ["bone"],
-    ...                                 "necrosis": [0.5]})).tolist()
-    [[1.0, 0.0, 1.0, 0.5]]
-    """
-    return np.column_stack([np.log(lesions["suvmax_true"]), np.log(lesions["volume_ml"]),
-                            (lesions["site"] == "bone").astype(float), lesions["necrosis"]]).astype(float)
 
 
 def cohort_row(n_patients: int, seed: int, n_folds: int = 5) -> dict:
@@ -61,7 +49,7 @@ def cohort_row(n_patients: int, seed: int, n_folds: int = 5) -> dict:
     patients = tables.patients.merge(make_folds(tables.patients, n_folds, seed), on="patient_id")
     truth = tables.truth.set_index("patient_id")
     lesions = tables.lesions.reset_index(drop=True)
-    values = lesion_properties(lesions)
+    values = true_lesion_properties(lesions).to_numpy()
     patient_risk, lesion_risk = pd.Series(np.nan, index=truth.index), pd.Series(np.nan, index=truth.index)
     for k in range(n_folds):
         train_ids = sorted(patients.loc[patients["fold"] != k, "patient_id"])
@@ -69,10 +57,8 @@ def cohort_row(n_patients: int, seed: int, n_folds: int = 5) -> dict:
         outcome = patients.set_index("patient_id").loc[train_ids]
         features = truth.loc[train_ids, PATIENT_FEATURES]
         mean, sd = features.mean(), features.std(ddof=0)
-        frame = ((features - mean) / sd).assign(T=outcome["pfs_months"], E=outcome["event"])
-        cph = CoxPHFitter(penalizer=COXPH_PENALIZER).fit(frame, "T", "E")
-        patient_risk[test_ids] = ((truth.loc[test_ids, PATIENT_FEATURES] - mean) / sd).to_numpy() @ \
-            cph.params_[PATIENT_FEATURES].to_numpy()
+        coef = fit_coxph(((features - mean) / sd).to_numpy(), outcome)
+        patient_risk[test_ids] = ((truth.loc[test_ids, PATIENT_FEATURES] - mean) / sd).to_numpy() @ coef
         train_rows = lesions["patient_id"].isin(train_ids).to_numpy()
         centre, scale = lesion_scaling(values, train_rows)
         z = standardise_inputs(values, centre, scale)

@@ -195,9 +195,7 @@ def main() -> None:
                                          seed=s.seed, folds=oof_m["fold"])
             if m == modalities[0]:
                 summary.loc[len(summary), ["model", "fold_mean"]] = [TABLE_PART, d.c_b]
-            deltas.loc[len(deltas)] = {"comparison": f"{m} ({variant}) − {TABLE_PART}", "c_a": d.c_a,
-                                       "c_b": d.c_b, "delta": d.delta, "ci_low": d.lo, "ci_high": d.hi,
-                                       "p_value": d.p_value}
+            deltas.loc[len(deltas)] = comparison.delta_row(f"{m} ({variant}) − {TABLE_PART}", d)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
         print(f"\nprofile {s.profile}, cohort seed {s.seed}, {len(oof)} patients, {s.folds} folds; the book's "
               f"ResNets: {book_config.epochs} epochs, {book_config.stem} stem; variant: {variant}; "

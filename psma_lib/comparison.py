@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from .metrics import (
+    DeltaC,
     TimeRangeWarning,
     bootstrap_fold_mean_c,
     breslow_survival,
@@ -93,9 +94,15 @@ def delta_table(runs: Mapping[str, str | os.PathLike], pairs: Sequence[tuple[str
             raise ValueError(f"runs {a!r} and {b!r} do not share patients and folds")
         d = paired_bootstrap_delta_c(oof_a["pfs_months"], oof_a["event"], oof_a["risk"], oof_b["risk"],
                                      n_boot=n_boot, seed=seed, folds=oof_a["fold"])
-        rows.append({"comparison": f"{a} − {b}", "c_a": d.c_a, "c_b": d.c_b, "delta": d.delta,
-                     "ci_low": d.lo, "ci_high": d.hi, "p_value": d.p_value})
+        rows.append(delta_row(f"{a} − {b}", d))
     return pd.DataFrame(rows)
+
+
+def delta_row(comparison: str, d: DeltaC) -> dict:
+    """One row of :func:`delta_table` from a paired ΔC (``comparison, c_a, c_b, delta, ci_low,
+    ci_high, p_value``)."""
+    return {"comparison": comparison, "c_a": d.c_a, "c_b": d.c_b, "delta": d.delta,
+            "ci_low": d.lo, "ci_high": d.hi, "p_value": d.p_value}
 
 
 def _fold_survival(oof: pd.DataFrame, train: pd.DataFrame, k, times) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:

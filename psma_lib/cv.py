@@ -510,8 +510,9 @@ def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
     return lambda ids: np.column_stack([part(ids) for part in parts])
 
 
-def _fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
-    """Cox coefficients for design ``x`` of the training patients ``train`` (pfs_months, event)."""
+def fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
+    """Cox coefficients (lifelines, :data:`COXPH_PENALIZER`) for design ``x`` ``[n, k]`` of the
+    training patients ``train`` (``pfs_months``, ``event``); 0 for a column constant there."""
     from lifelines import CoxPHFitter
 
     keep = x.std(axis=0) > 1e-8  # e.g. a treatment nobody in this fold received
@@ -550,9 +551,10 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
     tensors: dict[str, torch.Tensor] = dict(pre.state_dict())
     history = pd.DataFrame(columns=list(HISTORY_COLUMNS))
     best_epoch, notes, n_val = -1, [], 0
+    input_term = None  # each test lesion's linear term in its measured inputs, where the model has one
     if config.model == "coxph":
         design = coxph_design(config.covariates, patients, lesions, train_ids)
-        coef = _fit_coxph(design(train_ids), by_id.loc[train_ids].reset_index())
+        coef = fit_coxph(design(train_ids), by_id.loc[train_ids].reset_index())
         tensors["coxph.coef"] = torch.tensor(coef)
         score = lambda ids: design(ids) @ coef  # noqa: E731
         test_risk, train_risk = score(test_ids), score(train_ids)
@@ -567,7 +569,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         n_val = len(inner_val)
         use_clin = config.modality != "imaging"
         use_aux = config.aux_weight > 0 and config.modality != "clinical"
-        targets = inputs = input_term = None
+        targets = inputs = None
         inner_rows = lesions["patient_id"].isin(inner_train).to_numpy()
         if use_aux:
             values = lesion_target_values(lesions, aux_target_names(config.aux_targets))
@@ -619,7 +621,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
                         "pfs_months": test_p["pfs_months"].to_numpy(), "event": test_p["event"].to_numpy()})
     oof_les = pd.DataFrame({"patient_id": test_les["patient_id"], "lesion_id": test_les["lesion_id"],
                             "fold": k, "log_hazard": test_lh})
-    if config.lesion_inputs:
+    if input_term is not None:
         oof_les["input_term"] = input_term
     les_outcome = test_les["patient_id"].map(by_id["pfs_months"]), test_les["patient_id"].map(by_id["event"])
     fold_result = {

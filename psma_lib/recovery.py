@@ -81,6 +81,23 @@ def structural_baselines(oof: pd.DataFrame, lesions: pd.DataFrame, aggregation: 
             "noise": noise_baseline(oof, lesions, aggregation, n_draws=n_draws, seed=seed)}
 
 
+def true_lesion_properties(lesion_truth: pd.DataFrame) -> pd.DataFrame:
+    """:data:`TRUTH_TARGETS` of each lesion of ``lesion_truth`` (``volume_ml``, ``suvmax_true``,
+    ``site``, ``necrosis``; ``truth/lesion_truth.csv`` or the lesion table of
+    :func:`psma_lib.synthetic.sample_tables`), rows in its order (index reset).
+
+    >>> true_lesion_properties(pd.DataFrame({"volume_ml": [1.0], "suvmax_true": [np.e], "site": ["bone"],
+    ...                                      "necrosis": [0.5]})).iloc[0].tolist()
+    [0.0, 1.0, 1.0, 0.5]
+    """
+    return pd.DataFrame({
+        "log_volume": np.log(lesion_truth["volume_ml"].to_numpy(float)),
+        "log_suvmax": np.log(lesion_truth["suvmax_true"].to_numpy(float)),
+        "bone": (lesion_truth["site"] == "bone").to_numpy(float),
+        "necrosis": lesion_truth["necrosis"].to_numpy(float),
+    })[list(TRUTH_TARGETS)]
+
+
 def lesion_truth_table(oof_lesions: pd.DataFrame, lesion_truth: pd.DataFrame) -> pd.DataFrame:
     """Out-of-fold lesion log-hazards beside each lesion's true properties.
 
@@ -92,15 +109,12 @@ def lesion_truth_table(oof_lesions: pd.DataFrame, lesion_truth: pd.DataFrame) ->
     missing = sorted(set(oof_lesions["lesion_id"].astype(str)) - set(truth.index))
     if missing:
         raise KeyError(f"lesions without truth: {missing[:5]}")
-    t = truth.loc[oof_lesions["lesion_id"].astype(str)]
+    properties = true_lesion_properties(truth.loc[oof_lesions["lesion_id"].astype(str)])
     return pd.DataFrame({
         "patient_id": oof_lesions["patient_id"].astype(str).to_numpy(),
         "lesion_id": oof_lesions["lesion_id"].astype(str).to_numpy(),
         "log_hazard": oof_lesions["log_hazard"].to_numpy(float),
-        "log_volume": np.log(t["volume_ml"].to_numpy(float)),
-        "log_suvmax": np.log(t["suvmax_true"].to_numpy(float)),
-        "bone": (t["site"] == "bone").to_numpy(float),
-        "necrosis": t["necrosis"].to_numpy(float),
+        **{name: properties[name].to_numpy() for name in TRUTH_TARGETS},
     })
 
 

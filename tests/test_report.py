@@ -143,6 +143,23 @@ def test_settings_table_and_banner(tmp_path):
     assert "Real cohort" in report.data_banner({"synthetic": False}, "ci", "m.yaml").data
 
 
+def test_delta_table_rows_are_the_paired_bootstrap_of_the_two_runs(tiny_crops, tmp_path):
+    from psma_lib.comparison import delta_table, read_run
+    from psma_lib.metrics import paired_bootstrap_delta_c
+
+    crops = load_crops(tiny_crops)
+    common = dict(modality="clinical", model="coxph", folds=3, n_bootstrap=50, progress=False)
+    runs = {name: pipeline.run_cv(crops, tmp_path, CVConfig(covariates=covariates, **common)).out_dir
+            for name, covariates in (("clinical", "clinical"), ("count", "count"))}
+    row = delta_table(runs, [("clinical", "count")], n_boot=200, seed=3).iloc[0]
+    a, b = read_run(runs["clinical"])[0], read_run(runs["count"])[0]
+    d = paired_bootstrap_delta_c(a["pfs_months"], a["event"], a["risk"], b["risk"], n_boot=200, seed=3, folds=a["fold"])
+    assert row["comparison"] == "clinical − count"
+    assert (row["c_a"], row["c_b"], row["delta"], row["ci_low"], row["ci_high"], row["p_value"]) == \
+        (d.c_a, d.c_b, d.delta, d.lo, d.hi, d.p_value)
+    assert row["ci_low"] <= row["delta"] <= row["ci_high"]
+
+
 def test_comparison_and_repeat_tables_and_the_conclusion_follow_the_numbers():
     summary = pd.DataFrame({"model": ["net", "noise"], "fold_mean": [0.71, 0.69], "ci_low": [0.63, np.nan],
                             "ci_high": [0.79, np.nan], "fold_min": [0.6, np.nan], "fold_max": [0.8, np.nan],
