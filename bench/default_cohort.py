@@ -4,10 +4,12 @@ The book's headline comparison (chapter 6: do the images add to counting lesions
 cohort with one configuration. This runs the same comparison, with the `quick` (or any) profile's
 cohort, crops, folds and settings, in two directions:
 
-* ``--stem`` / ``--epochs`` / ``--lesion-inputs``: the profile's imaging and multimodal ResNet-18
-  with one setting changed (e.g. the library's default stem, which the CPU profiles do not use for
-  its cost, or the lesions' measured quantities added linearly to their log-hazards), paired
-  against the book's own runs (``--modalities imaging`` trains the imaging one alone);
+* ``--stem`` / ``--epochs`` / ``--lesion-inputs`` / ``--pretrain-seed``: the profile's imaging and
+  multimodal ResNet-18 with one setting changed (e.g. the library's default stem, which the CPU
+  profiles do not use for its cost, the lesions' measured quantities added linearly to their
+  log-hazards, or an encoder pretrained to read those quantities on another cohort's lesions,
+  ``psma-pfs pretrain``), paired against the book's own runs (``--modalities imaging`` trains the
+  imaging one alone);
 * ``--seed S``: another cohort of the default generator (the book's is seed 0), so a figure can be
   judged as typical of the generator or as one lucky draw.
 
@@ -32,6 +34,7 @@ minutes for the two ``--stem no-maxpool`` ones)::
     .venv/bin/python bench/default_cohort.py --seed 1 --modalities imaging --lesion-inputs \
 log_suvmax,log_volume,log_suvmean_ratio,bone,hu_mean               # ninth round (docs/METHOD.md)
     .venv/bin/python bench/default_cohort.py --patients 300            # a larger draw (records -n300)
+    .venv/bin/python bench/default_cohort.py --seed 1 --modalities imaging --pretrain-seed 1000  # tenth round
 
 Every run is cached in the book's results folder under its own configuration key (the book never
 reads a run of a configuration it does not use); a record per seed and variant goes to ``--out``.
@@ -52,6 +55,7 @@ from psma_lib.analysis import oracle_c_index
 from psma_lib.io import write_json
 from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import aggregate_lesion_risks
+from psma_lib.pretrain import PretrainConfig, read_pretrained_meta
 from psma_lib.recovery import lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
@@ -126,6 +130,12 @@ def main() -> None:
     parser.add_argument("--lesion-inputs", default=None,
                         help="measured lesion quantities added linearly to the lesions' log-hazards "
                              "(default: the book's, none)")
+    parser.add_argument("--pretrain-seed", type=int, default=None,
+                        help="start the ResNets from an encoder pretrained (psma-pfs pretrain) on the measured "
+                             "quantities of another cohort of the default generator, drawn with this seed "
+                             "(default: the book's, from scratch; tenth round, docs/METHOD.md)")
+    parser.add_argument("--pretrain-patients", type=int, default=400, help="the pretraining cohort's size")
+    parser.add_argument("--pretrain-epochs", type=int, default=PretrainConfig.epochs, help="pretraining epochs")
     parser.add_argument("--modalities", default="imaging,multimodal",
                         help="the ResNets to train with the change (comma-separated; default both)")
     parser.add_argument("--seed", type=int, default=0, help="cohort and fold seed (the book's: 0)")
@@ -146,6 +156,10 @@ def main() -> None:
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     if not modalities or set(modalities) - {"imaging", "multimodal"}:
         raise SystemExit(f"--modalities: imaging and/or multimodal, not {args.modalities!r}")
+    if args.pretrain_seed is not None:
+        if args.pretrain_seed == s.seed:
+            raise SystemExit("--pretrain-seed must differ from --seed: the pretraining cohort is another cohort")
+        changes["pretrained"] = f"s{args.pretrain_seed}-n{args.pretrain_patients}-e{args.pretrain_epochs}"
     variant = variant_name(changes)
     if args.table:
         with pd.option_context("display.width", 300, "display.max_columns", 30,
@@ -154,6 +168,18 @@ def main() -> None:
         return
 
     crops = book.crops(s)
+    config_changes = {k: v for k, v in changes.items() if k != "pretrained"}
+    if args.pretrain_seed is not None:  # an encoder pretrained on another cohort's lesions (no outcome read)
+        start = time.perf_counter()
+        pretraining = pipeline.crop_cohort(
+            pipeline.generate_cohort(s.output_dir, patients=args.pretrain_patients, seed=args.pretrain_seed),
+            s.output_dir, size_mm=s.size_mm, spacing_mm=s.spacing_mm)
+        config_changes["weights"] = str(pipeline.pretrained_encoder(pretraining, s.output_dir, PretrainConfig(
+            view=book_config.view, stem=book_config.stem, channels=book_config.channels,
+            epochs=args.pretrain_epochs, progress=False)))
+        pretrain_seconds = round(time.perf_counter() - start, 1)
+        print(f"pretrained encoder {config_changes['weights']} ({pretrain_seconds} s, 0: read back); held-out "
+              f"reading r: {read_pretrained_meta(config_changes['weights'])['holdout_reading_r']}")
     runs, seconds = {}, {}
     for name, covariates in BASELINES.items():
         runs[name] = book.cv(s, "clinical", model="coxph", covariates=covariates)
@@ -162,7 +188,7 @@ def main() -> None:
         runs[f"{modality} (book)"] = book.cv(s, modality)
         if changes:
             start = time.perf_counter()
-            config = dataclasses.replace(book.cv_config(s, modality), **changes)
+            config = dataclasses.replace(book.cv_config(s, modality), **config_changes)
             runs[f"{modality} ({variant})"] = pipeline.run_cv(crops, s.output_dir, config)
         seconds[modality] = round(time.perf_counter() - start, 1)
     folders = {name: run.out_dir for name, run in runs.items()}
@@ -219,7 +245,9 @@ def main() -> None:
                       "truth_recovery": None if recovered is None else recovered.reset_index().to_dict("records"),
                       "truth_recovery_network_part": None if network_part is None
                       else network_part.reset_index().to_dict("records"),
-                      "train_seconds": seconds, "changes": changes, "runs": {k: str(v) for k, v in folders.items()},
+                      "train_seconds": seconds, "changes": changes,
+                      "pretrained": read_pretrained_meta(config_changes["weights"]) if "weights" in config_changes
+                      else None, "runs": {k: str(v) for k, v in folders.items()},
                       "provenance": provenance(bench="default_cohort")})
     print(f"written {path}")
 

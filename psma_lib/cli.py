@@ -20,6 +20,7 @@ COMMANDS = {
     "validate": "manifest",
     "import-nnunet": "nnunet",
     "crop": "crop",
+    "pretrain": "pretrain",
     "cv": "cv",
     "grid": "grid",
     "book": "runner",

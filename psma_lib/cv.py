@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .errors import InputError
 from .evaluation import concordance_index, summarize_cv
-from .io import atomic_dir, atomic_path, json_text, write_csv, write_json, write_once
+from .io import atomic_dir, atomic_path, json_text, sha256_file, write_csv, write_json, write_once
 from .models import ClinicalPreprocessor, SurvivalModel, load_pretrained
 from .repro import provenance, set_seed
 from .train import (
@@ -213,7 +213,8 @@ class CVConfig:
 
         ``channels``, ``head``, ``stem`` and ``lesion_inputs`` are left out at PET and CT, ``mlp``,
         ``standard`` and none, what every run made before they existed had, so those runs' records and
-        cached folders stay the same run."""
+        cached folders stay the same run. Pretrained ``weights`` add their file's SHA-256
+        (``weights_sha256``): the same path with other weights is another run."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
         if input_channels(self.channels) == PET_CT:
             del fields["channels"]
@@ -223,6 +224,8 @@ class CVConfig:
             del fields["stem"]
         if not self.lesion_inputs:
             del fields["lesion_inputs"]
+        if self.weights and Path(self.weights).is_file():  # the weights' content, not their path, defines the run
+            fields["weights_sha256"] = sha256_file(self.weights)
         return fields
 
 
@@ -844,7 +847,7 @@ def _stored_fields(fields: dict) -> dict:
     >>> _stored_fields({"modality": "imaging"})["stem"]
     'standard'
     """
-    return {"stem": "standard", **fields}
+    return {"stem": "standard", **{k: v for k, v in fields.items() if k != "weights_sha256"}}
 
 
 def collect(out_dir: str | Path, config: CVConfig | None = None) -> CVResult:

@@ -4,7 +4,7 @@ Each call writes into a folder under ``root`` whose name holds a key of everythi
 its output (the stage's configuration and the checksum of the data it reads) and returns the
 stage's result object. Called again with the same inputs it reads that folder back instead of
 recomputing; a changed input gets a new folder, so a stale result is never reused. These are the
-library functions behind ``psma-pfs generate``, ``crop`` and ``cv``, called directly.
+library functions behind ``psma-pfs generate``, ``crop``, ``pretrain`` and ``cv``, called directly.
 
 >>> import tempfile; from psma_lib.cv import CVConfig; from psma_lib.testing import write_tiny_crops
 >>> root = Path(tempfile.mkdtemp())
@@ -33,6 +33,7 @@ from .manifest import data_checksum, manifest_file
 
 if TYPE_CHECKING:  # cv imports torch: only the call that cross-validates pays for it
     from .cv import CVConfig, CVResult
+    from .pretrain import PretrainConfig
 
 
 def cache_key(step: str, **config) -> str:
@@ -97,6 +98,22 @@ def crop_cohort(cohort: CohortFiles, root: str | os.PathLike, *, size_mm: float,
             crop.crop_cohort(cohort.manifest, out, size_mm=size_mm, spacing_mm=spacing_mm,
                              center=center, progress=progress)
     return load_crops(out)
+
+
+def pretrained_encoder(crops: CropSet, root: str | os.PathLike, config: PretrainConfig) -> Path:
+    """An encoder pretrained on ``crops``' lesions (:func:`psma_lib.pretrain.pretrain_encoder`),
+    trained once into ``root/pretrained/encoder-<key>.safetensors`` (key: every weight-defining
+    field of ``config`` and the crops' identity); the path to give ``CVConfig(weights=...)``."""
+    from . import pretrain
+
+    identity = {k: crops.meta.get(k) for k in ("data_checksum", "size_mm", "spacing_mm", "center_mode")}
+    out = Path(root) / "pretrained" / f"encoder-{cache_key('pretrain', config=config.defining(), crops=identity)}.safetensors"
+    if not out.is_file():
+        _log(config.progress, f"pretraining the {config.backbone} encoder on {crops.meta.get('n_lesions')} lesions "
+                              f"into {out}")
+        with _stage_notes("pretrain"):
+            pretrain.pretrain_encoder(crops.root, out, config)
+    return out
 
 
 def cv_folder(crops: CropSet, root: str | os.PathLike, config: CVConfig) -> Path:
