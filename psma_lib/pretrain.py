@@ -48,6 +48,7 @@ from .vocabulary import (
     DEFAULT_BACKBONE,
     DEFAULT_INPUT_CHANNELS,
     DEFAULT_VIEW,
+    STEMS,
     VIEWS,
     default_stem,
     input_channels,
@@ -247,7 +248,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, help="weights file to write (.safetensors)")
     p.add_argument("--backbone", choices=BACKBONES, default=d.backbone)
     p.add_argument("--view", choices=VIEWS, default=d.view)
-    p.add_argument("--stem", default=None, help="2D ResNet stem (default: the backbone's, as psma-pfs cv)")
+    p.add_argument("--stem", choices=STEMS, default=None, help="2D ResNet stem (default: the backbone's, as psma-pfs cv)")
     p.add_argument("--channels", default=d.channels)
     p.add_argument("--targets", default=d.targets, help=f"measured quantities to read (default {d.targets})")
     p.add_argument("--epochs", type=int, default=d.epochs)

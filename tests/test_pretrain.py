@@ -1,0 +1,137 @@
+"""Encoder pretraining on lesion crops without outcomes (psma_lib.pretrain, psma-pfs pretrain)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from psma_lib import pipeline
+from psma_lib.cli import main as cli_main
+from psma_lib.crop import load_crops
+from psma_lib.cv import CVConfig, make_model
+from psma_lib.errors import InputError
+from psma_lib.models import load_pretrained
+from psma_lib.pretrain import (
+    PretrainConfig,
+    holdout_patients,
+    pretrain_encoder,
+    read_pretrained_meta,
+)
+from psma_lib.testing import write_tiny_crops
+from psma_lib.vocabulary import CLINICAL_COLUMNS
+
+FAST = dict(view="axial", stem="standard", epochs=2, batch_size=16, device="cpu", num_threads=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def readable_crops(tmp_path_factory):
+    """Tiny crops whose lesion table's SUVmax is the crop's own PET maximum (the quantity is in
+    the pixels, as the crop stage measures it): 60 patients, about 120 lesions."""
+    root = write_tiny_crops(tmp_path_factory.mktemp("readable") / "crops", n_patients=60, seed=3)
+    images = np.load(root / "crops.npy")
+    lesions = pd.read_csv(root / "lesions.csv")
+    lesions["suvmax"] = images[:, 0].reshape(len(images), -1).max(axis=1)
+    lesions.to_csv(root / "lesions.csv", index=False)
+    return root
+
+
+def test_pretrained_encoder_reads_held_out_lesions_suvmax(readable_crops, tmp_path):
+    config = PretrainConfig(**{**FAST, "epochs": 12}, targets="log_suvmax", holdout_fraction=0.25, seed=1)
+    meta = pretrain_encoder(readable_crops, tmp_path / "enc.safetensors", config)
+    untrained = pretrain_encoder(readable_crops, tmp_path / "untrained.safetensors",
+                                 PretrainConfig(**{**FAST, "epochs": 1}, targets="log_suvmax", holdout_fraction=0.25,
+                                                seed=1, lr=1e-9))
+    assert meta["n_holdout_patients"] == 15 and meta["n_holdout_lesions"] > 0
+    # patients it never saw: their SUVmax read from the pixels, well beyond a network that did not learn
+    assert meta["holdout_reading_r"]["log_suvmax"] > 0.7
+    assert meta["holdout_reading_r"]["log_suvmax"] > untrained["holdout_reading_r"]["log_suvmax"] + 0.3
+    assert read_pretrained_meta(tmp_path / "enc.safetensors") == meta
+    assert meta["train_loss_by_epoch"][-1] < meta["train_loss_by_epoch"][0]
+
+
+def test_survival_model_starts_from_the_pretrained_encoder_and_same_seed_is_bit_identical(tiny_crops, tmp_path):
+    config = PretrainConfig(**FAST)
+    pretrain_encoder(tiny_crops, tmp_path / "a.safetensors", config)
+    pretrain_encoder(tiny_crops, tmp_path / "b.safetensors", config)
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model = make_model(CVConfig(modality="imaging", view="axial", stem="standard"), len(CLINICAL_COLUMNS))
+    assert load_pretrained(model, tmp_path / "a.safetensors") == []  # every encoder weight loaded
+    state = model.encoder.net.state_dict()
+    assert all(torch.equal(state[k.removeprefix("encoder.net.")], v) for k, v in a.items() if k.startswith("encoder."))
+    other = pretrain_encoder(tiny_crops, tmp_path / "c.safetensors", PretrainConfig(**{**FAST, "seed": 1}))
+    assert other["config"]["seed"] == 1
+    c = load_file(str(tmp_path / "c.safetensors"))
+    assert not torch.equal(a["encoder.net.conv1.weight"], c["encoder.net.conv1.weight"])
+
+
+def test_holdout_patients_are_left_out_of_training_and_scaling(tiny_crops, tmp_path):
+    meta = pretrain_encoder(tiny_crops, tmp_path / "w.safetensors", PretrainConfig(**FAST, targets="log_volume"))
+    lesions = pd.read_csv(tiny_crops / "lesions.csv", dtype={"patient_id": str})
+    held = holdout_patients(lesions["patient_id"], 0.1, seed=0)
+    train = lesions[~lesions["patient_id"].isin(held)]
+    assert meta["n_train_lesions"] == len(train) and meta["n_holdout_lesions"] == len(lesions) - len(train)
+    log_volume = np.log(train["volume_ml"].to_numpy())
+    assert meta["scaling"]["mean"] == pytest.approx([log_volume.mean()])
+    assert meta["scaling"]["sd"] == pytest.approx([log_volume.std()])
+    # other images and volumes for the held-out lesions: the same weights (nothing of them was trained on)
+    changed = tmp_path / "changed"
+    shutil.copytree(tiny_crops, changed)
+    rows = lesions["patient_id"].isin(held).to_numpy()
+    images = np.load(changed / "crops.npy")
+    images[rows] = images[rows] * 3.0 + 50.0
+    np.save(changed / "crops.npy", images)
+    lesions.loc[rows, "volume_ml"] *= 10
+    lesions.to_csv(changed / "lesions.csv", index=False)
+    pretrain_encoder(changed, tmp_path / "v.safetensors", PretrainConfig(**FAST, targets="log_volume"))
+    a, b = load_file(str(tmp_path / "w.safetensors")), load_file(str(tmp_path / "v.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cv_run_key_holds_the_weights_content_not_their_path(tiny_crops, tmp_path):
+    crops = load_crops(tiny_crops)
+    path = tmp_path / "enc.safetensors"
+    pretrain_encoder(tiny_crops, path, PretrainConfig(**FAST))
+    config = CVConfig(modality="imaging", view="axial", stem="standard", weights=str(path))
+    first = pipeline.cv_folder(crops, tmp_path, config)
+    assert pipeline.cv_folder(crops, tmp_path, CVConfig(modality="imaging", view="axial", stem="standard")) != first
+    pretrain_encoder(tiny_crops, path, PretrainConfig(**{**FAST, "seed": 2}))  # other weights, same path
+    assert pipeline.cv_folder(crops, tmp_path, config) != first
+
+
+def test_pipeline_pretrains_once_and_reads_back(tiny_crops, tmp_path):
+    crops = load_crops(tiny_crops)
+    path = pipeline.pretrained_encoder(crops, tmp_path, PretrainConfig(**FAST))
+    stamp = path.stat().st_mtime_ns
+    assert pipeline.pretrained_encoder(crops, tmp_path, PretrainConfig(**FAST)) == path
+    assert path.stat().st_mtime_ns == stamp
+    assert pipeline.pretrained_encoder(crops, tmp_path, PretrainConfig(**{**FAST, "epochs": 3})) != path
+
+
+def test_bad_input_one_clear_error_and_no_weights_file(tiny_crops, tmp_path):
+    crops = tmp_path / "crops"
+    shutil.copytree(tiny_crops, crops)
+    lesions = pd.read_csv(crops / "lesions.csv").drop(columns=["hu_mean"])
+    lesions.to_csv(crops / "lesions.csv", index=False)
+    with pytest.raises(InputError, match="hu_mean"):
+        pretrain_encoder(crops, tmp_path / "w.safetensors", PretrainConfig(**FAST))
+    assert not (tmp_path / "w.safetensors").exists() and not list(tmp_path.glob(".w.safetensors*"))
+    with pytest.raises(InputError, match="unknown backbone"):
+        PretrainConfig(backbone="vgg").validate()
+    assert cli_main(["pretrain", str(tiny_crops), "--out", str(tmp_path / "w.pt")]) == 2
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_cli_writes_the_weights_and_reports_the_reading(tiny_crops, tmp_path, capsys):
+    out = tmp_path / "enc.safetensors"
+    assert cli_main(["pretrain", str(tiny_crops), "--out", str(out), "--view", "axial", "--stem", "standard",
+                     "--epochs", "1", "--batch-size", "16", "--num-threads", "1", "--device", "cpu",
+                     "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "held-out lesions" in printed and str(out) in printed
+    assert read_pretrained_meta(out)["config"]["epochs"] == 1
