@@ -35,6 +35,8 @@ minutes for the two ``--stem no-maxpool`` ones)::
 log_suvmax,log_volume,log_suvmean_ratio,bone,hu_mean               # ninth round (docs/METHOD.md)
     .venv/bin/python bench/default_cohort.py --patients 300            # a larger draw (records -n300)
     .venv/bin/python bench/default_cohort.py --seed 1 --modalities imaging --pretrain-seed 1000  # tenth round
+    .venv/bin/python bench/default_cohort.py --seed 1 --modalities imaging --pretrain-seed 1000 \
+--freeze-encoder --head concepts                                  # eleventh round
 
 Every run is cached in the book's results folder under its own configuration key (the book never
 reads a run of a configuration it does not use); a record per seed and variant goes to ``--out``.
@@ -59,7 +61,7 @@ from psma_lib.pretrain import PretrainConfig, read_pretrained_meta
 from psma_lib.recovery import lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
-from psma_lib.vocabulary import STEMS
+from psma_lib.vocabulary import RISK_HEADS, STEMS
 
 BASELINES = {"lesion count (Cox)": "count", "biomarkers (Cox)": "biomarkers",
              "biomarkers + CT density (Cox)": "biomarkers+ct"}
@@ -136,6 +138,10 @@ def main() -> None:
                              "(default: the book's, from scratch; tenth round, docs/METHOD.md)")
     parser.add_argument("--pretrain-patients", type=int, default=400, help="the pretraining cohort's size")
     parser.add_argument("--pretrain-epochs", type=int, default=PretrainConfig.epochs, help="pretraining epochs")
+    parser.add_argument("--freeze-encoder", action="store_true",
+                        help="keep the pretrained encoder fixed, train the heads only (with --pretrain-seed; "
+                             "eleventh round)")
+    parser.add_argument("--head", default=None, choices=RISK_HEADS, help="the ResNets' risk head (default: the book's)")
     parser.add_argument("--modalities", default="imaging,multimodal",
                         help="the ResNets to train with the change (comma-separated; default both)")
     parser.add_argument("--seed", type=int, default=0, help="cohort and fold seed (the book's: 0)")
@@ -151,7 +157,8 @@ def main() -> None:
     s = book.settings(profile=args.profile, output_dir=args.output, seed=args.seed, patients=args.patients)
     prefix = record_prefix(s.profile, s.patients, book.PROFILES[s.profile].patients)
     book_config = book.cv_config(s, "imaging")
-    changes = {k: v for k, v in (("stem", args.stem), ("epochs", args.epochs), ("lesion_inputs", args.lesion_inputs))
+    changes = {k: v for k, v in (("stem", args.stem), ("epochs", args.epochs), ("lesion_inputs", args.lesion_inputs),
+                                 ("head", args.head))
                if v is not None and v != getattr(book_config, k)}
     modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
     if not modalities or set(modalities) - {"imaging", "multimodal"}:
@@ -160,6 +167,10 @@ def main() -> None:
         if args.pretrain_seed == s.seed:
             raise SystemExit("--pretrain-seed must differ from --seed: the pretraining cohort is another cohort")
         changes["pretrained"] = f"s{args.pretrain_seed}-n{args.pretrain_patients}-e{args.pretrain_epochs}"
+        if args.freeze_encoder:
+            changes["frozen"] = "encoder"
+    elif args.freeze_encoder:
+        raise SystemExit("--freeze-encoder keeps a pretrained encoder fixed: give --pretrain-seed")
     variant = variant_name(changes)
     if args.table:
         with pd.option_context("display.width", 300, "display.max_columns", 30,
@@ -168,7 +179,9 @@ def main() -> None:
         return
 
     crops = book.crops(s)
-    config_changes = {k: v for k, v in changes.items() if k != "pretrained"}
+    config_changes = {k: v for k, v in changes.items() if k not in ("pretrained", "frozen")}
+    if "frozen" in changes:
+        config_changes["freeze_encoder"] = True
     if args.pretrain_seed is not None:  # an encoder pretrained on another cohort's lesions (no outcome read)
         start = time.perf_counter()
         pretraining = pipeline.crop_cohort(

@@ -138,6 +138,7 @@ class CVConfig:
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
     weights: str | None = None
+    freeze_encoder: bool = False  # train the heads only, on the encoder loaded from weights
     num_threads: int | None = None
     augment: bool = TrainConfig.augment
     cuda_graph: bool = TrainConfig.cuda_graph
@@ -205,14 +206,17 @@ class CVConfig:
         if self.head == "concepts" and (self.model != "resnet" or self.aux_weight <= 0):
             raise InputError("head 'concepts' scores a lesion from its predicted auxiliary targets: it needs a "
                              "resnet model with aux_weight > 0")
+        if self.freeze_encoder and (self.model != "resnet" or not self.weights):
+            raise InputError("freeze_encoder keeps a pretrained image encoder fixed: it needs a resnet model and "
+                             "weights (e.g. from psma-pfs pretrain)")
         if self.folds < 2 or self.epochs < 1 or self.batch_size < 2 or not 0 < self.val_fraction < 1:
             raise InputError("need folds >= 2, epochs >= 1, batch_size >= 2 and 0 < val_fraction < 1")
 
     def run_defining(self) -> dict:
         """The fields that change results (resume refuses a different run in the same folder).
 
-        ``channels``, ``head``, ``stem`` and ``lesion_inputs`` are left out at PET and CT, ``mlp``,
-        ``standard`` and none, what every run made before they existed had, so those runs' records and
+        ``channels``, ``head``, ``stem``, ``lesion_inputs`` and ``freeze_encoder`` are left out at
+        PET and CT, ``mlp``, ``standard``, none and False, what every run made before they existed had, so those runs' records and
         cached folders stay the same run. Pretrained ``weights`` add their file's SHA-256
         (``weights_sha256``): the same path with other weights is another run."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
@@ -224,6 +228,8 @@ class CVConfig:
             del fields["stem"]
         if not self.lesion_inputs:
             del fields["lesion_inputs"]
+        if not self.freeze_encoder:
+            del fields["freeze_encoder"]
         if self.weights and Path(self.weights).is_file():  # the weights' content, not their path, defines the run
             fields["weights_sha256"] = sha256_file(self.weights)
         return fields
@@ -604,6 +610,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
                                 unit=config.unit, aux_weight=config.aux_weight if use_aux else 0.0,
                                 selection=config.selection,
                                 patience=config.patience, augment=config.augment,
+                                freeze_encoder=config.freeze_encoder,
                                 cuda_graph=config.cuda_graph, compile=config.compile,
                                 channels_last=config.channels_last, progress=config.progress)
         val_data = data["val"][0] if "val" in data else None
@@ -977,6 +984,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--weights", default=None, help="local pretrained backbone weights (.safetensors or .pt)")
+    p.add_argument("--freeze-encoder", action="store_true",
+                   help="keep the encoder loaded from --weights fixed (BatchNorm statistics too): train the heads only")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")

@@ -126,6 +126,7 @@ class TrainConfig:
     selection: str = "last"
     patience: int = 10           # early stopping, for the val_* selections only
     augment: bool = True
+    freeze_encoder: bool = False  # train the heads only: the image encoder as loaded, BatchNorm statistics included
     bf16: bool = True            # GPU only; CPU stays float32 (deterministic, and not faster there)
     cuda_graph: bool = True      # GPU only
     compile: bool = False
@@ -474,9 +475,11 @@ class _GlobalLoss(nn.Module):
 
 
 def make_optimizer(model, lr: float, weight_decay: float, device: torch.device, capturable: bool):
-    """AdamW without weight decay on norms and biases; capturable (tensor lr) for CUDA graphs."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    """AdamW on the trainable parameters, without weight decay on norms and biases; capturable
+    (tensor lr) for CUDA graphs."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if capturable:
         return torch.optim.AdamW(groups, lr=torch.tensor(lr, device=device), capturable=True)
@@ -509,6 +512,9 @@ class Trainer:
         self.bf16 = config.bf16 and self.is_cuda
         self.unit = _unit(model, config.unit)
         self.use_aux = config.aux_weight > 0 and model.aux_head is not None and train.lesion_targets is not None
+        self.frozen = config.freeze_encoder and model.encoder is not None
+        if self.frozen:
+            model.encoder.requires_grad_(False)
         self.batches = _Batches(train, self.unit)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cpu_generator = torch.Generator().manual_seed(seed + 1)
@@ -521,7 +527,7 @@ class Trainer:
         if self.is_cuda:
             torch.backends.cudnn.benchmark = True
         want_graph = (self.is_cuda and config.cuda_graph and self.unit == "lesion" and not self.use_aux
-                      and model.lesion_linear is None and not config.compile)
+                      and model.lesion_linear is None and not config.compile and not self.frozen)
         self.notes: list[str] = []
         self.world = distributed.world_size()
         self.ddp: DistributedDataParallel | None = None
@@ -601,6 +607,8 @@ class Trainer:
     def step(self, idx: torch.Tensor) -> torch.Tensor:
         """One optimisation step on unit rows ``idx``; returns the loss tensor (no host sync)."""
         self.model.train()
+        if self.frozen:  # its BatchNorm keeps the loaded statistics
+            self.model.encoder.eval()
         if self.graphed is not None:
             return self.graphed(self._batch(idx))
         self.optimizer.zero_grad(set_to_none=True)

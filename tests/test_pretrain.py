@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -135,3 +136,23 @@ def test_cli_writes_the_weights_and_reports_the_reading(tiny_crops, tmp_path, ca
     printed = capsys.readouterr().out
     assert "held-out lesions" in printed and str(out) in printed
     assert read_pretrained_meta(out)["config"]["epochs"] == 1
+
+
+def test_frozen_encoder_stays_as_loaded_while_the_heads_train(tiny_crops, tmp_path):
+    weights = tmp_path / "enc.safetensors"
+    pretrain_encoder(tiny_crops, weights, PretrainConfig(**FAST))
+    loaded = {k.removeprefix("encoder.net."): v for k, v in load_file(str(weights)).items() if k.startswith("encoder.")}
+    config = CVConfig(modality="imaging", view="axial", stem="standard", head="concepts", weights=str(weights),
+                      freeze_encoder=True, epochs=2, folds=2, batch_size=8, seed=1, progress=False, device="cpu",
+                      num_threads=1, n_bootstrap=20)
+    run = pipeline.run_cv(load_crops(tiny_crops), tmp_path, config)
+    state = load_file(str(run.out_dir / "checkpoints" / "fold0.safetensors"))
+    encoder = {k.removeprefix("model.encoder.net."): v for k, v in state.items() if k.startswith("model.encoder.net.")}
+    assert encoder.keys() == loaded.keys()
+    assert all(torch.equal(encoder[k], loaded[k]) for k in loaded)  # weights and BatchNorm statistics
+    assert not torch.equal(state["model.head.weight"], torch.zeros_like(state["model.head.weight"]))
+    unfrozen = pipeline.run_cv(load_crops(tiny_crops), tmp_path, dataclasses.replace(config, freeze_encoder=False))
+    trained = load_file(str(unfrozen.out_dir / "checkpoints" / "fold0.safetensors"))
+    assert not torch.equal(trained["model.encoder.net.conv1.weight"], loaded["conv1.weight"])
+    with pytest.raises(InputError, match="freeze_encoder"):
+        CVConfig(modality="imaging", freeze_encoder=True).validate()
