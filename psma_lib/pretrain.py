@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .cv import _load_crops, aux_target_names, image_inputs, lesion_scaling, lesion_target_values
@@ -224,6 +225,37 @@ def _read(model: SurvivalModel, images: torch.Tensor, device: torch.device, batc
     with torch.no_grad():
         parts = [model.aux_head(model.encoder(images[i:i + batch].to(device))).cpu() for i in range(0, len(images), batch)]
     return torch.cat(parts).numpy().astype(float)
+
+
+def load_reader(path: str | Path) -> tuple[SurvivalModel, dict]:
+    """The pretrained encoder with the head that reads the targets, as :func:`pretrain_encoder`
+    wrote them to ``path`` (evaluation mode, CPU), and the file's metadata.
+
+    Raises:
+        InputError: not a weights file of ``psma-pfs pretrain``.
+    """
+    meta = read_pretrained_meta(path)
+    if meta.get("format") != FORMAT:
+        raise InputError("not a weights file written by psma-pfs pretrain (no reader head in it)", file=str(path))
+    c = meta["config"]
+    model = SurvivalModel("imaging", c["backbone"], view=c["view"], stem=c["stem"],
+                          in_channels=len(input_channels(c["channels"])), n_aux=len(meta["targets"]))
+    state = load_file(str(path))
+    model.encoder.net.load_state_dict({k.removeprefix("encoder.net."): v for k, v in state.items()
+                                       if k.startswith("encoder.net.")})
+    model.aux_head.load_state_dict({k.removeprefix("aux_head."): v for k, v in state.items() if k.startswith("aux_head.")})
+    return model.eval(), meta
+
+
+def read_lesions(path: str | Path, images: torch.Tensor) -> pd.DataFrame:
+    """What the pretrained reader in ``path`` reads from lesion inputs ``images`` (as
+    :func:`psma_lib.cv.image_inputs` gives them for the file's backbone, view and channels): one
+    column per target, in the measured quantities' units (log SUVmax, log mL, ...). A fixed
+    function of each lesion's pixels: nothing of the lesions read is fitted."""
+    model, meta = load_reader(path)
+    predicted = _read(model, images, torch.device("cpu"))
+    return pd.DataFrame(predicted * np.array(meta["scaling"]["sd"]) + np.array(meta["scaling"]["mean"]),
+                        columns=meta["targets"])
 
 
 def read_pretrained_meta(path: str | Path) -> dict:

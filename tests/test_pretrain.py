@@ -14,13 +14,15 @@ from safetensors.torch import load_file
 from psma_lib import pipeline
 from psma_lib.cli import main as cli_main
 from psma_lib.crop import load_crops
-from psma_lib.cv import CVConfig, make_model
+from psma_lib.cv import CVConfig, image_inputs, make_model
 from psma_lib.errors import InputError
 from psma_lib.models import load_pretrained
 from psma_lib.pretrain import (
     PretrainConfig,
     holdout_patients,
+    load_reader,
     pretrain_encoder,
+    read_lesions,
     read_pretrained_meta,
 )
 from psma_lib.testing import write_tiny_crops
@@ -53,6 +55,17 @@ def test_pretrained_encoder_reads_held_out_lesions_suvmax(readable_crops, tmp_pa
     assert meta["holdout_reading_r"]["log_suvmax"] > untrained["holdout_reading_r"]["log_suvmax"] + 0.3
     assert read_pretrained_meta(tmp_path / "enc.safetensors") == meta
     assert meta["train_loss_by_epoch"][-1] < meta["train_loss_by_epoch"][0]
+    # the file read back as a fixed reader: the same held-out reading, in the measured units
+    crops = load_crops(readable_crops)
+    lesions = crops.lesions.astype({"patient_id": str})
+    read = read_lesions(tmp_path / "enc.safetensors", image_inputs(crops, lesions, "resnet18", "axial"))
+    measured = np.log(lesions["suvmax"].to_numpy())
+    held = lesions["patient_id"].isin(holdout_patients(lesions["patient_id"], 0.25, seed=1)).to_numpy()
+    r = np.corrcoef(read["log_suvmax"].to_numpy()[held], measured[held])[0, 1]
+    assert r == pytest.approx(meta["holdout_reading_r"]["log_suvmax"], abs=1e-5)
+    assert abs(read["log_suvmax"].mean() - measured.mean()) < 0.3 * measured.std()
+    with pytest.raises(InputError, match="psma-pfs pretrain"):
+        load_reader(readable_crops / "crops.json")
 
 
 def test_survival_model_starts_from_the_pretrained_encoder_and_same_seed_is_bit_identical(tiny_crops, tmp_path):
