@@ -33,17 +33,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from psma_lib import book, comparison, pipeline
 from psma_lib.analysis import oracle_c_index
-from psma_lib.cv import (
-    COXPH_PENALIZER,
-    image_inputs,
-    lesion_scaling,
-    lesion_target_values,
-    standardise_inputs,
-)
+from psma_lib.cv import fit_lesion_cox, image_inputs, lesion_target_values, standardise_inputs
 from psma_lib.io import write_json
 from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import aggregate_lesion_risks
@@ -51,7 +44,6 @@ from psma_lib.pretrain import PretrainConfig, read_lesions, read_pretrained_meta
 from psma_lib.recovery import lesion_truth_table, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
-from psma_lib.train import fit_lesion_linear
 
 READER, TABLE = "pretrained reader + Cox (sum)", "measured quantities + Cox (sum)"
 
@@ -59,7 +51,8 @@ READER, TABLE = "pretrained reader + Cox (sum)", "measured quantities + Cox (sum
 def fold_linear_risks(values: np.ndarray, lesions: pd.DataFrame, oof: pd.DataFrame) -> tuple[pd.Series, np.ndarray]:
     """Out-of-fold patient risks (indexed by patient) and lesion scores of a lesion-level Cox model
     linear in ``values`` ``[L, K]``, fitted in each fold of ``oof`` on its training patients
-    (standardisation and weights; ``sum`` aggregation).
+    (:func:`psma_lib.cv.fit_lesion_cox`: standardisation and weights; ``sum`` aggregation), as
+    ``psma-pfs cv --model reader`` scores the reader's readings.
 
     >>> lesions = pd.DataFrame({"patient_id": list("aabbccdd"), "x": [3, 2, 0, 1, 2, 2, 0, 0.5]})
     >>> oof = pd.DataFrame({"patient_id": list("abcd"), "fold": [0, 1, 0, 1],
@@ -69,18 +62,11 @@ def fold_linear_risks(values: np.ndarray, lesions: pd.DataFrame, oof: pd.DataFra
     (['a', 'b', 'c', 'd'], (8,))
     """
     scores = np.full(len(lesions), np.nan)
-    by_id = oof.set_index("patient_id")
     for k in sorted(oof["fold"].unique()):
         train_ids = sorted(oof.loc[oof["fold"] != k, "patient_id"])
-        train = lesions["patient_id"].isin(train_ids).to_numpy()
-        mean, sd = lesion_scaling(values, train)
-        z = standardise_inputs(values, mean, sd)
-        row = {pid: i for i, pid in enumerate(train_ids)}
-        weight = fit_lesion_linear(z[train], torch.tensor(lesions.loc[train, "patient_id"].map(row).to_numpy()),
-                                   torch.tensor(by_id.loc[train_ids, "pfs_months"].to_numpy()),
-                                   torch.tensor(by_id.loc[train_ids, "event"].to_numpy()), "sum", COXPH_PENALIZER)
+        mean, sd, weight = fit_lesion_cox(values, lesions, oof, train_ids, "sum")
         test = lesions["patient_id"].isin(oof.loc[oof["fold"] == k, "patient_id"]).to_numpy()
-        scores[test] = (z[test].double() @ weight).numpy()
+        scores[test] = (standardise_inputs(values[test], mean, sd).double() @ weight).numpy()
     risk = aggregate_lesion_risks(lesions.assign(log_hazard=scores), "sum")
     return risk, scores
 

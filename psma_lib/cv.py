@@ -25,6 +25,14 @@ mean lesion CT density, :func:`psma_lib.biomarkers.mean_ct_density`: the stronge
 reads nothing of the images beyond the masks' measurements; a patient without a measured density
 gets the training fold's mean); biomarkers are standardised with the training fold's mean and sd.
 
+``model="reader"`` (imaging): a pretrained lesion reader kept fixed (``weights``: a file of
+``psma-pfs pretrain``, :func:`psma_lib.pretrain.read_lesions`) reads each lesion's measured
+quantities from its pixels; in each fold a Cox model whose lesion log-hazards are linear in those
+readings, standardised on the training fold's lesions, is fitted on the training patients
+through the run's aggregation (:func:`fit_lesion_cox`). Nothing is trained by stochastic
+gradient; the scaling and weights are the fold's checkpoint (``reader.mean``, ``reader.sd``,
+``reader.weight``). docs/METHOD.md, eleventh round.
+
 Each run's summary (fold range, mean +- sd and the pooled out-of-fold C-index with its bootstrap
 CI) is computed once, by :func:`psma_lib.evaluation.summarize_cv`, and stored in
 ``results.json``; :func:`load_result` reads a finished run back.
@@ -53,7 +61,7 @@ from . import distributed
 from .errors import InputError
 from .evaluation import concordance_index, summarize_cv
 from .io import atomic_dir, atomic_path, json_text, sha256_file, write_csv, write_json, write_once
-from .models import ClinicalPreprocessor, SurvivalModel, load_pretrained
+from .models import ClinicalPreprocessor, SurvivalModel, aggregate_lesion_risks, load_pretrained
 from .repro import provenance, set_seed
 from .train import (
     HISTORY_COLUMNS,
@@ -206,6 +214,9 @@ class CVConfig:
         if self.head == "concepts" and (self.model != "resnet" or self.aux_weight <= 0):
             raise InputError("head 'concepts' scores a lesion from its predicted auxiliary targets: it needs a "
                              "resnet model with aux_weight > 0")
+        if self.model == "reader" and (not self.weights or self.aggregation == "attention"):
+            raise InputError("the reader model scores lesions with the fixed reader in a weights file of psma-pfs "
+                             "pretrain: give weights, and a lesion aggregation (not attention)")
         if self.freeze_encoder and (self.model != "resnet" or not self.weights):
             raise InputError("freeze_encoder keeps a pretrained image encoder fixed: it needs a resnet model and "
                              "weights (e.g. from psma-pfs pretrain)")
@@ -534,6 +545,32 @@ def fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
     return coef
 
 
+def fit_lesion_cox(values: np.ndarray, lesions: pd.DataFrame, patients: pd.DataFrame, train_ids: Sequence[str],
+                   aggregation: str = DEFAULT_AGGREGATION) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """(mean, sd, weights) of a Cox model whose lesion log-hazards are linear in ``values``
+    ``[L, K]`` (rows of ``lesions``), fitted on the patients ``train_ids`` alone: the values are
+    standardised on their lesions (:func:`lesion_scaling`, unknown -> 0) and the weights fitted
+    through ``aggregation`` (:func:`psma_lib.train.fit_lesion_linear`, :data:`COXPH_PENALIZER`).
+    A lesion's log-hazard is then ``standardise_inputs(values, mean, sd) @ weights``.
+
+    >>> lesions = pd.DataFrame({"patient_id": list("aabbcc")})
+    >>> patients = pd.DataFrame({"patient_id": list("abc"), "pfs_months": [1.0, 2.0, 3.0], "event": [1, 1, 0]})
+    >>> mean, sd, w = fit_lesion_cox(np.array([[3.0], [2], [1], [1], [0], [0.5]]), lesions, patients, ["a", "b", "c"])
+    >>> mean.round(3).tolist(), bool(w[0] > 0)  # more of the quantity, earlier progression
+    ([1.25], True)
+    """
+    train_ids = list(train_ids)
+    by_id = patients.set_index("patient_id")
+    train = lesions["patient_id"].isin(train_ids).to_numpy()
+    mean, sd = lesion_scaling(values, train)
+    row = {pid: i for i, pid in enumerate(train_ids)}
+    weight = fit_lesion_linear(standardise_inputs(values[train], mean, sd),
+                               torch.tensor(lesions.loc[train, "patient_id"].map(row).to_numpy()),
+                               torch.tensor(by_id.loc[train_ids, "pfs_months"].to_numpy(float)),
+                               torch.tensor(by_id.loc[train_ids, "event"].to_numpy(int)), aggregation, COXPH_PENALIZER)
+    return mean, sd, weight
+
+
 def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
     """The untrained model a run of ``config`` trains (and its checkpoints hold)."""
     image_model = config.model == "resnet"
@@ -569,6 +606,15 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         test_risk, train_risk = score(test_ids), score(train_ids)
         test_les = lesions[lesions["patient_id"].isin(test_ids)].reset_index(drop=True)
         test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
+    elif config.model == "reader":  # `images` holds each lesion's readings by the fixed, pretrained reader
+        readings = images.numpy()
+        mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids, config.aggregation)
+        tensors.update({"reader.mean": torch.tensor(mean), "reader.sd": torch.tensor(sd), "reader.weight": weight})
+        scores = lesions.assign(log_hazard=(standardise_inputs(readings, mean, sd).double() @ weight).numpy())
+        risk = aggregate_lesion_risks(scores, config.aggregation)
+        test_risk, train_risk = risk.loc[test_ids].to_numpy(), risk.loc[train_ids].to_numpy()
+        test_les = scores[scores["patient_id"].isin(test_ids)].reset_index(drop=True)
+        test_lh = test_les["log_hazard"].to_numpy()
     else:
         if config.selection == "last":  # fixed schedule: every training patient
             inner_train, inner_val = train_ids, []
@@ -712,7 +758,13 @@ def _prepare(crops_dir: Path, out_dir: Path, config: CVConfig) -> _RunInputs:
     folds = make_folds(patients, config.folds, config.seed)
     check_folds(folds, lesions)
     images = None
-    if config.modality != "clinical":
+    if config.model == "reader":  # its input is what the reader reads: a fixed function of each lesion's pixels
+        from .pretrain import load_reader, read_lesions  # pretrain imports cv
+
+        reader = load_reader(config.weights)[1]["config"]
+        images = torch.tensor(read_lesions(config.weights, image_inputs(
+            crops, lesions, reader["backbone"], reader["view"], reader["channels"])).to_numpy())
+    elif config.modality != "clinical":
         images = image_inputs(crops, lesions, config.backbone, config.view, config.channels)
         if config.weights:  # a bad weights file fails here, before anything is written
             load_pretrained(make_model(config, n_clinical=len(CLINICAL_COLUMNS)), config.weights)
@@ -944,7 +996,9 @@ def register_cli(subparsers) -> None:
                         "config.json / results.json) instead of the options below")
     p.add_argument("--modality", choices=MODALITIES, default=d.modality)
     p.add_argument("--model", choices=MODEL_KINDS, default=None,
-                   help="resnet (imaging, multimodal), mlp (clinical, default) or coxph (clinical: lifelines)")
+                   help="resnet (imaging, multimodal), mlp (clinical, default), coxph (clinical: lifelines) or "
+                        "reader (imaging: a Cox model on what the fixed reader in --weights, from psma-pfs pretrain, "
+                        "reads of each lesion)")
     p.add_argument("--backbone", type=_backbone_arg, default=None, metavar="{" + ",".join(BACKBONES) + "}",
                    help=f"the ResNet's backbone (default {DEFAULT_BACKBONE})")
     p.add_argument("--epochs", type=int, default=d.epochs)

@@ -119,7 +119,7 @@ def holdout_patients(patient_ids, fraction: float, seed: int) -> set[str]:
 def reading_correlations(predicted: np.ndarray, measured: np.ndarray, names) -> dict[str, float]:
     """Pearson r of each predicted with its measured quantity over the lesions where it is known.
 
-    >>> reading_correlations(np.array([[1.0], [2.0], [3.0]]), np.array([[2.0], [4.0], [np.nan]]), ["a"])
+    >>> reading_correlations(np.array([[1.0], [2.0], [3.0], [4.0]]), np.array([[2.0], [4.0], [6.0], [np.nan]]), ["a"])
     {'a': 1.0}
     """
     out = {}
@@ -234,6 +234,8 @@ def load_reader(path: str | Path) -> tuple[SurvivalModel, dict]:
     Raises:
         InputError: not a weights file of ``psma-pfs pretrain``.
     """
+    if not Path(path).is_file():
+        raise InputError("weights file not found", file=str(path))
     meta = read_pretrained_meta(path)
     if meta.get("format") != FORMAT:
         raise InputError("not a weights file written by psma-pfs pretrain (no reader head in it)", file=str(path))

@@ -41,7 +41,7 @@ PAPER_C_INDEX_RANGE = {
 PAPER_MEDIAN_PFS_MONTHS = {"high": 19.7, "low": 26.0}
 
 #: How a table names each kind of model (psma_lib.vocabulary.MODEL_KINDS).
-MODEL_NAMES = {"coxph": "Cox (lifelines)", "mlp": "MLP-Cox", "resnet": "ResNet-Cox"}
+MODEL_NAMES = {"coxph": "Cox (lifelines)", "mlp": "MLP-Cox", "resnet": "ResNet-Cox", "reader": "pretrained reader + Cox"}
 #: An empty cell: nothing applies (e.g. the backbone of a clinical model).
 EMPTY = "—"
 

@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 from psma_lib import pipeline
 from psma_lib.cli import main as cli_main
 from psma_lib.crop import load_crops
-from psma_lib.cv import CVConfig, image_inputs, make_model
+from psma_lib.cv import (
+    CVConfig,
+    fit_lesion_cox,
+    image_inputs,
+    lesion_scaling,
+    make_model,
+    standardise_inputs,
+)
 from psma_lib.errors import InputError
 from psma_lib.models import load_pretrained
 from psma_lib.pretrain import (
@@ -169,3 +176,35 @@ def test_frozen_encoder_stays_as_loaded_while_the_heads_train(tiny_crops, tmp_pa
     assert not torch.equal(trained["model.encoder.net.conv1.weight"], loaded["conv1.weight"])
     with pytest.raises(InputError, match="freeze_encoder"):
         CVConfig(modality="imaging", freeze_encoder=True).validate()
+
+
+def test_reader_run_scores_lesions_by_a_training_fold_cox_fit_on_the_fixed_readers_readings(tiny_crops, tmp_path):
+    weights = tmp_path / "enc.safetensors"
+    pretrain_encoder(tiny_crops, weights, PretrainConfig(**FAST))
+    config = CVConfig(modality="imaging", model="reader", weights=str(weights), folds=3, seed=4, progress=False,
+                      device="cpu", num_threads=1, n_bootstrap=20)
+    run = pipeline.run_cv(load_crops(tiny_crops), tmp_path, config)
+    assert run.out_dir.name.startswith("imaging-reader-")
+    crops = load_crops(tiny_crops)
+    lesions = crops.lesions.astype({"patient_id": str})
+    patients = crops.patients.astype({"patient_id": str})
+    readings = read_lesions(weights, image_inputs(crops, lesions, "resnet18", "axial")).to_numpy()
+    folds = pd.read_csv(run.out_dir / "folds.csv", dtype={"patient_id": str})
+    oof_lesions = run.oof_lesions.set_index("lesion_id")
+    for k in range(3):
+        train_ids = sorted(folds.loc[folds["fold"] != k, "patient_id"])
+        mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids)
+        stored = load_file(str(run.out_dir / "checkpoints" / f"fold{k}.safetensors"))
+        assert torch.allclose(stored["reader.mean"], torch.tensor(mean)) and torch.allclose(stored["reader.sd"], torch.tensor(sd))
+        assert torch.allclose(stored["reader.weight"], weight)
+        everyone = lesion_scaling(readings, np.ones(len(readings), bool))[0]
+        assert not np.allclose(mean, everyone)  # scaled on the training fold's lesions, not all
+        test = lesions["patient_id"].isin(folds.loc[folds["fold"] == k, "patient_id"]).to_numpy()
+        expected = (standardise_inputs(readings[test], mean, sd).double() @ weight).numpy()
+        got = oof_lesions.loc[lesions.loc[test, "lesion_id"], "log_hazard"].to_numpy()
+        assert np.allclose(got, expected, atol=1e-6)
+    for bad, message in ((dict(weights=None), "reader model"), (dict(weights=str(tiny_crops / "crops.json")), "pretrain"),
+                         (dict(modality="multimodal"), "multimodal trains model resnet")):
+        with pytest.raises(InputError, match=message):
+            pipeline.run_cv(load_crops(tiny_crops), tmp_path / "bad", dataclasses.replace(config, **bad))
+        assert not (tmp_path / "bad" / "cv").exists() or not any((tmp_path / "bad" / "cv").iterdir())
