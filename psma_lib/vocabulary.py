@@ -7,7 +7,7 @@ aggregations, with the pipeline's defaults. Stages import these names; none defi
 >>> DEFAULT_AGGREGATION in LESION_AGGREGATIONS and DEFAULT_BACKBONE in BACKBONES
 True
 >>> model_kinds_for("clinical"), model_kinds_for("imaging")
-(('mlp', 'coxph'), ('resnet',))
+(('mlp', 'coxph'), ('resnet', 'reader'))
 """
 
 from __future__ import annotations
