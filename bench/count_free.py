@@ -27,6 +27,7 @@ by side on 2 CPU cores; about 9 with ``--stem standard``; generating and croppin
 about 100 s; ``--patients 300`` doubles both)::
 
     .venv/bin/python bench/count_free.py --seeds 7 8 9 --threads 1
+    .venv/bin/python bench/count_free.py --seeds 1 2 3 --stem standard --reader <psma-pfs pretrain file>
 
 Cohorts, crops and runs are cached under ``--out`` (``train_seconds`` is this invocation's: ~0 for a
 run read back from its folder); a record per variant (and cohort size) keeps
@@ -50,7 +51,7 @@ from psma_lib.biomarkers import mean_ct_density, patient_biomarkers
 from psma_lib.cox import neg_partial_log_likelihood
 from psma_lib.crop import crop_cohort, load_crops
 from psma_lib.cv import CVConfig, lesion_target_values, run_cv
-from psma_lib.io import write_json
+from psma_lib.io import sha256_file, write_json
 from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import segment_aggregate
 from psma_lib.recovery import fold_mean_c, lesion_truth_table, noise_baseline, truth_recovery
@@ -157,7 +158,7 @@ DEFAULT_PATIENTS = 150
 MEASURED = ["log_volume", "log_suvmax", "bone", "log_ratio"]
 
 
-def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dict:
+def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig, reader: Path | None = None) -> dict:
     cohort, crops_dir = prepare(root, seed, patients)
     t0 = time.perf_counter()
     run = run_cv(crops_dir, root / f"cv-{cohort_name(seed, patients)}-{config.epochs}ep-{variant_name(config)}",
@@ -175,7 +176,8 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
     delta = paired_bootstrap_delta_c(oof["pfs_months"], oof["event"], oof["risk"], measured_hu, folds=oof["fold"],
                                      seed=seed)
     recovery = truth_recovery(lesion_truth_table(run.oof_lesions, lesion_truth), n_boot=300, seed=seed)
-    return {
+    lesion_sum = fold_lesion_sum_cox(oof, lesions)
+    row = {
         "seed": seed, "patients": len(oof), "train_seconds": round(seconds, 1),
         "imaging_resnet18": fold_mean_c(oof, oof["risk"].to_numpy()),
         "noise_mean": noise["mean"], "noise_p95": noise["p95"],
@@ -184,13 +186,30 @@ def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig) -> dic
         "measured_cox": fold_mean_c(oof, fold_cox(oof, features, MEASURED)),
         "measured_cox_hu": fold_mean_c(oof, measured_hu),
         "delta_vs_measured_cox_hu": [delta.delta, delta.lo, delta.hi],
-        "measured_lesion_sum": fold_mean_c(oof, fold_lesion_sum_cox(oof, lesions)),
+        "measured_lesion_sum": fold_mean_c(oof, lesion_sum),
         "with_true_necrosis": fold_mean_c(oof, fold_cox(oof, features, [*MEASURED, "necrosis"])),
         "oracle": fold_mean_c(oof, truth["linear_predictor"]),
         "necrosis_partial": float(recovery.loc["necrosis | volume, SUVmax", "spearman"]),
         "necrosis_partial_ci": [float(recovery.loc["necrosis | volume, SUVmax", c]) for c in ("ci_low", "ci_high")],
         "fold_c": [round(float(c), 3) for c in run.fold_results["c_index"]],
     }
+    if reader is not None:  # the fixed pretrained reader + a Cox model on its readings, on the same folds
+        reader_config = CVConfig(modality="imaging", model="reader", weights=str(reader), seed=config.seed,
+                                 folds=config.folds, progress=False)
+        reader_run = run_cv(crops_dir, root / f"cv-{cohort_name(seed, patients)}-reader-{sha256_file(reader)[:12]}",
+                            reader_config)
+        reader_oof = reader_run.oof.reset_index(drop=True)
+        if not (reader_oof["patient_id"].equals(oof["patient_id"]) and reader_oof["fold"].equals(oof["fold"])):
+            raise SystemExit(f"seed {seed}: the reader run's folds differ from the network's")
+        risk = reader_oof["risk"].to_numpy()
+        row["reader"] = fold_mean_c(oof, risk)
+        for name, other in (("imaging_resnet18", oof["risk"]), ("measured_lesion_sum", lesion_sum),
+                            ("measured_cox_hu", measured_hu)):
+            d = paired_bootstrap_delta_c(oof["pfs_months"], oof["event"], risk, other, folds=oof["fold"], seed=seed)
+            row[f"reader_minus_{name}"] = [d.delta, d.lo, d.hi]
+        reader_recovery = truth_recovery(lesion_truth_table(reader_run.oof_lesions, lesion_truth), n_boot=300, seed=seed)
+        row["reader_necrosis_partial"] = float(reader_recovery.loc["necrosis | volume, SUVmax", "spearman"])
+    return row
 
 
 def main() -> None:
@@ -209,20 +228,32 @@ def main() -> None:
                         help="pet,ct or pet,ct,mask (psma-pfs cv --channels)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--out", type=Path, default=Path("_build/bench/count_free"))
+    parser.add_argument("--reader", type=Path, default=None,
+                        help="also score each cohort with the fixed pretrained reader in this psma-pfs pretrain file "
+                             "and a Cox model on its readings (psma-pfs cv --model reader; eleventh round), on the "
+                             "network's folds")
     args = parser.parse_args()
     config = CVConfig(modality="imaging", backbone="resnet18", epochs=args.epochs, num_threads=args.threads,
                       aux_targets=args.aux_targets, view=args.view, channels=args.channels,
                       head=args.head, stem=args.stem, aggregation=args.aggregation,
                       progress=False)
-    rows = [evaluate_seed(args.out, seed, args.patients, config) for seed in args.seeds]
+    rows = [evaluate_seed(args.out, seed, args.patients, config, args.reader) for seed in args.seeds]
     table = pd.DataFrame(rows)
     cols = ["seed", "imaging_resnet18", "noise_mean", "noise_p95", "total_volume", "max_suvmax", "measured_cox",
             "measured_cox_hu", "measured_lesion_sum", "with_true_necrosis", "oracle", "necrosis_partial", "train_seconds"]
+    if args.reader is not None:
+        cols[2:2] = ["reader", "reader_necrosis_partial"]
     print(f"count-free imaging-only cohorts ({args.patients} patients x 4 lesions, 48 mm / 2 mm crops, "
           f"{args.epochs} epochs, CPU; {variant_name(config)}); patient-level fold-mean C-index")
     print(table[cols].to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(f"mean over seeds: imaging {table['imaging_resnet18'].mean():.3f}, oracle {table['oracle'].mean():.3f}, "
           f"noise {table['noise_mean'].mean():.3f}")
+    if args.reader is not None:
+        for name in ("imaging_resnet18", "measured_lesion_sum", "measured_cox_hu"):
+            deltas = np.array([r[f"reader_minus_{name}"] for r in rows])
+            print(f"reader − {name}: " + ", ".join(f"{d:+.3f} ({lo:+.3f}, {hi:+.3f})" for d, lo, hi in deltas)
+                  + f"; mean {deltas[:, 0].mean():+.3f}")
+        print(f"reader >= 0.65 on {(table['reader'] >= 0.65).sum()} of {len(table)} cohorts (mean {table['reader'].mean():.3f})")
     args.out.mkdir(parents=True, exist_ok=True)
     size = "" if args.patients == DEFAULT_PATIENTS else f"-n{args.patients}"
     path = args.out / f"count_free-{variant_name(config)}{size}.json"  # named by variant: defaults change
