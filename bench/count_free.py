@@ -50,7 +50,7 @@ from lifelines import CoxPHFitter
 from psma_lib.biomarkers import mean_ct_density, patient_biomarkers
 from psma_lib.cox import neg_partial_log_likelihood
 from psma_lib.crop import crop_cohort, load_crops
-from psma_lib.cv import CVConfig, lesion_target_values, run_cv
+from psma_lib.cv import CVConfig, lesion_target_values, load_result, run_cv
 from psma_lib.io import sha256_file, write_json
 from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import segment_aggregate
@@ -161,8 +161,9 @@ MEASURED = ["log_volume", "log_suvmax", "bone", "log_ratio"]
 def evaluate_seed(root: Path, seed: int, patients: int, config: CVConfig, reader: Path | None = None) -> dict:
     cohort, crops_dir = prepare(root, seed, patients)
     t0 = time.perf_counter()
-    run = run_cv(crops_dir, root / f"cv-{cohort_name(seed, patients)}-{config.epochs}ep-{variant_name(config)}",
-                 config)
+    folder = root / f"cv-{cohort_name(seed, patients)}-{config.epochs}ep-{variant_name(config)}"
+    # a finished run is read back (its checkpoints may have been deleted to save disk), as pipeline.run_cv does
+    run = load_result(folder) if (folder / "results.json").is_file() else run_cv(crops_dir, folder, config)
     seconds = time.perf_counter() - t0
     oof = run.oof.reset_index(drop=True)
     crops = load_crops(crops_dir)
