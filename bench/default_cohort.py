@@ -184,12 +184,8 @@ def main() -> None:
         config_changes["freeze_encoder"] = True
     if args.pretrain_seed is not None:  # an encoder pretrained on another cohort's lesions (no outcome read)
         start = time.perf_counter()
-        pretraining = pipeline.crop_cohort(
-            pipeline.generate_cohort(s.output_dir, patients=args.pretrain_patients, seed=args.pretrain_seed),
-            s.output_dir, size_mm=s.size_mm, spacing_mm=s.spacing_mm)
-        config_changes["weights"] = str(pipeline.pretrained_encoder(pretraining, s.output_dir, PretrainConfig(
-            view=book_config.view, stem=book_config.stem, channels=book_config.channels,
-            epochs=args.pretrain_epochs, progress=False)))
+        config_changes["weights"] = str(book.pretrained_encoder(
+            s, seed=args.pretrain_seed, patients=args.pretrain_patients, epochs=args.pretrain_epochs))
         pretrain_seconds = round(time.perf_counter() - start, 1)
         print(f"pretrained encoder {config_changes['weights']} ({pretrain_seconds} s, 0: read back); held-out "
               f"reading r: {read_pretrained_meta(config_changes['weights'])['holdout_reading_r']}")

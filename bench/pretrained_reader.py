@@ -34,14 +34,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from psma_lib import book, comparison, pipeline
+from psma_lib import book, comparison
 from psma_lib.analysis import oracle_c_index
-from psma_lib.cv import fit_lesion_cox, image_inputs, lesion_target_values, standardise_inputs
+from psma_lib.cv import fit_lesion_cox, lesion_target_values, standardise_inputs
 from psma_lib.io import write_json
 from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import aggregate_lesion_risks
-from psma_lib.pretrain import PretrainConfig, read_lesions, read_pretrained_meta
-from psma_lib.recovery import lesion_truth_table, truth_recovery
+from psma_lib.pretrain import (
+    PretrainConfig,
+    read_lesions,
+    read_pretrained_meta,
+    reading_correlations,
+)
+from psma_lib.recovery import lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
 
@@ -86,19 +91,15 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         s = book.settings(profile=args.profile, seed=seed)
-        config = book.cv_config(s, "imaging")
-        pretraining = pipeline.crop_cohort(
-            pipeline.generate_cohort(s.output_dir, patients=args.pretrain_patients, seed=args.pretrain_seed),
-            s.output_dir, size_mm=s.size_mm, spacing_mm=s.spacing_mm)
-        weights = pipeline.pretrained_encoder(pretraining, s.output_dir, PretrainConfig(
-            view=config.view, stem=config.stem, channels=config.channels, epochs=args.pretrain_epochs, progress=False))
+        weights = book.pretrained_encoder(s, seed=args.pretrain_seed, patients=args.pretrain_patients,
+                                          epochs=args.pretrain_epochs)
         crops = book.crops(s)
         lesions = crops.lesions.astype({"patient_id": str}).reset_index(drop=True)
         runs = {"imaging (book)": book.cv(s, "imaging"),
                 "lesion count (Cox)": book.cv(s, "clinical", model="coxph", covariates="count"),
                 "biomarkers + CT density (Cox)": book.cv(s, "clinical", model="coxph", covariates="biomarkers+ct")}
         oof = runs["imaging (book)"].oof.sort_values("patient_id").reset_index(drop=True)
-        readings = read_lesions(weights, image_inputs(crops, lesions, config.backbone, config.view, config.channels))
+        readings = read_lesions(weights, crops, lesions)
         targets = list(readings.columns)
         risks, scores = {}, {}
         risks[READER], scores[READER] = fold_linear_risks(readings.to_numpy(), lesions, oof)
@@ -115,11 +116,13 @@ def main() -> None:
                                          risks[b].loc[ids].to_numpy(), n_boot=args.n_boot, seed=seed, folds=oof["fold"])
             deltas.append(comparison.delta_row(f"{a} − {b}", d))
         deltas = pd.DataFrame(deltas)
+        noise = noise_baseline(oof, lesions, "sum", n_draws=200, seed=seed)  # noise lesion outputs through `sum`
         c = {**{row["comparison"].split(" − ")[1]: row["c_b"] for row in deltas.to_dict("records")},
-             READER: deltas["c_a"].iloc[0], "oracle": oracle["fold_mean"]}
+             READER: deltas["c_a"].iloc[0], "oracle": oracle["fold_mean"], "noise (sum): mean of 200": noise["mean"],
+             "noise (sum): 95th pct": noise["p95"]}
         recovered = truth_recovery(lesion_truth_table(lesions.assign(log_hazard=scores[READER]),
                                                       load_lesion_truth(book.cohort(s).root)), n_boot=1000, seed=seed)
-        reading = {t: float(np.corrcoef(readings[t], lesion_target_values(lesions, [t])[:, 0])[0, 1]) for t in targets}
+        reading = reading_correlations(readings.to_numpy(), lesion_target_values(lesions, targets), targets)
         with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
             print(f"\nseed {seed}: fold-mean C " + ", ".join(f"{k} {v:.3f}" for k, v in c.items()))
             print(deltas.to_string(index=False))

@@ -220,6 +220,23 @@ def crops(s: BookSettings) -> CropSet:
                                 progress=s.show_progress)
 
 
+def pretrained_encoder(s: BookSettings, *, seed: int, patients: int, epochs: int) -> Path:
+    """An encoder pretrained (:func:`psma_lib.pipeline.pretrained_encoder`) on another cohort of
+    the default generator (``seed`` must differ from the book's; its outcomes are never read),
+    cropped at the profile's size and spacing, with the view, stem and channels of the profile's
+    imaging ResNet; cached in the output folder. The benches' tenth and eleventh rounds
+    (docs/METHOD.md) use it."""
+    from .pretrain import PretrainConfig
+
+    if seed == s.seed:
+        raise InputError(f"the pretraining cohort must be another cohort: seed {seed} is the book's")
+    imaging = cv_config(s, "imaging")
+    pretraining = pipeline.crop_cohort(pipeline.generate_cohort(s.output_dir, patients=patients, seed=seed),
+                                       s.output_dir, size_mm=s.size_mm, spacing_mm=s.spacing_mm)
+    return pipeline.pretrained_encoder(pretraining, s.output_dir, PretrainConfig(
+        view=imaging.view, stem=imaging.stem, channels=imaging.channels, epochs=epochs, progress=False))
+
+
 def cv_config(s: BookSettings, modality: str, model: str | None = None,
               backbone: str | None = None, covariates: str = "clinical", repeat: int = 0) -> CVConfig:
     """The profile's :class:`psma_lib.cv.CVConfig` of one run.

@@ -49,6 +49,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -97,6 +98,9 @@ from .vocabulary import (
     input_channels,
     model_kinds_for,
 )
+
+if TYPE_CHECKING:  # pretrain imports cv
+    from .pretrain import PretrainConfig
 
 COXPH_PENALIZER = 0.01
 COXPH_COVARIATES = ("clinical", "count", "biomarkers", "clinical+biomarkers", "biomarkers+ct")
@@ -759,11 +763,9 @@ def _prepare(crops_dir: Path, out_dir: Path, config: CVConfig) -> _RunInputs:
     check_folds(folds, lesions)
     images = None
     if config.model == "reader":  # its input is what the reader reads: a fixed function of each lesion's pixels
-        from .pretrain import load_reader, read_lesions  # pretrain imports cv
+        from .pretrain import read_lesions  # pretrain imports cv
 
-        reader = load_reader(config.weights)[1]["config"]
-        images = torch.tensor(read_lesions(config.weights, image_inputs(
-            crops, lesions, reader["backbone"], reader["view"], reader["channels"])).to_numpy())
+        images = torch.tensor(read_lesions(config.weights, crops, lesions).to_numpy())
     elif config.modality != "clinical":
         images = image_inputs(crops, lesions, config.backbone, config.view, config.channels)
         if config.weights:  # a bad weights file fails here, before anything is written
@@ -804,7 +806,7 @@ def _check_header(out_dir: Path, header: dict) -> None:
 
 
 @contextlib.contextmanager
-def _torch_settings(config: CVConfig, device: torch.device):
+def _torch_settings(config: CVConfig | PretrainConfig, device: torch.device):
     """The run's thread count (under torchrun: the node's share per rank) and, on CPU,
     deterministic kernels; restored afterwards."""
     previous_threads = torch.get_num_threads()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +36,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .cv import _load_crops, aux_target_names, image_inputs, lesion_scaling, lesion_target_values
+from .cv import (
+    _load_crops,
+    _torch_settings,
+    aux_target_names,
+    image_inputs,
+    lesion_scaling,
+    lesion_target_values,
+)
 from .errors import InputError
 from .io import atomic_path
 from .models import SurvivalModel
 from .repro import provenance, set_seed
-from .train import augment_batch, auxiliary_loss, make_optimizer, resolve_device
+from .train import augment_batch, auxiliary_loss, cosine_lr, make_optimizer, resolve_device, set_lr
 from .vocabulary import (
     AUX_TARGETS,
     BACKBONES,
@@ -158,20 +164,12 @@ def pretrain_encoder(crops_dir: str | Path, out: str | Path, config: PretrainCon
     targets = torch.tensor((values - mean) / sd, dtype=torch.float32)
     images = image_inputs(crops, lesions, config.backbone, config.view, config.channels)
     device = resolve_device(config.device)
-    previous_threads, previous_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
-    try:
+    with _torch_settings(config, device):  # the run's threads; deterministic kernels on CPU
         set_seed(config.seed)
         model = SurvivalModel("imaging", config.backbone, view=config.view, stem=config.stem,
                               in_channels=len(input_channels(config.channels)), n_aux=len(names)).to(device)
         history = _train(model, images[train_rows], targets[train_rows], config, device)
         predicted = _read(model, images[~train_rows], device)
-    finally:
-        torch.set_num_threads(previous_threads)
-        torch.use_deterministic_algorithms(previous_det)
     reading = reading_correlations(predicted * sd + mean, values[~train_rows], names)
     meta = {
         "format": FORMAT, "config": config.defining(), "targets": list(names),
@@ -199,9 +197,7 @@ def _train(model: SurvivalModel, images: torch.Tensor, targets: torch.Tensor, co
     batch = min(config.batch_size, len(images))
     history = []
     for epoch in tqdm(range(config.epochs), desc="pretrain", disable=not config.progress, leave=False):
-        frac = epoch / max(1, config.epochs - 1)  # cosine decay to 5 %, as in the survival training
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        set_lr(optimizer, cosine_lr(config.lr, epoch, config.epochs))  # the survival training's schedule
         model.train()
         perm = torch.randperm(len(images), generator=order)
         losses = []
@@ -249,12 +245,15 @@ def load_reader(path: str | Path) -> tuple[SurvivalModel, dict]:
     return model.eval(), meta
 
 
-def read_lesions(path: str | Path, images: torch.Tensor) -> pd.DataFrame:
-    """What the pretrained reader in ``path`` reads from lesion inputs ``images`` (as
-    :func:`psma_lib.cv.image_inputs` gives them for the file's backbone, view and channels): one
-    column per target, in the measured quantities' units (log SUVmax, log mL, ...). A fixed
-    function of each lesion's pixels: nothing of the lesions read is fitted."""
+def read_lesions(path: str | Path, crops, lesions: pd.DataFrame) -> pd.DataFrame:
+    """What the pretrained reader in ``path`` reads from the crops of ``lesions`` (rows of the
+    :class:`psma_lib.crop.CropSet` ``crops``' lesion table, given to it as
+    :func:`psma_lib.cv.image_inputs` for the file's backbone, view and channels): one column per
+    target, in the measured quantities' units (log SUVmax, log mL, ...). A fixed function of each
+    lesion's pixels: nothing of the lesions read is fitted."""
     model, meta = load_reader(path)
+    c = meta["config"]
+    images = image_inputs(crops, lesions, c["backbone"], c["view"], c["channels"])
     predicted = _read(model, images, torch.device("cpu"))
     return pd.DataFrame(predicted * np.array(meta["scaling"]["sd"]) + np.array(meta["scaling"]["mean"]),
                         columns=meta["targets"])

@@ -486,7 +486,17 @@ def make_optimizer(model, lr: float, weight_decay: float, device: torch.device, 
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def _set_lr(optimizer, lr: float):
+def cosine_lr(lr: float, epoch: int, epochs: int) -> float:
+    """Learning rate of ``epoch`` (0-based) of a fixed schedule: cosine decay from ``lr`` to 5 % of it.
+
+    >>> [round(cosine_lr(1.0, e, 3), 3) for e in range(3)]
+    [1.0, 0.525, 0.05]
+    """
+    frac = epoch / max(1, epochs - 1)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def set_lr(optimizer, lr: float):
     for group in optimizer.param_groups:
         if torch.is_tensor(group["lr"]):
             group["lr"].fill_(lr)
@@ -618,9 +628,8 @@ class Trainer:
         return loss.detach()
 
     def set_epoch_lr(self, epoch: int) -> None:
-        """Cosine decay from ``lr`` to 5 % of it over the epochs."""
-        frac = epoch / max(1, self.config.epochs - 1)
-        _set_lr(self.optimizer, self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac))))
+        """Cosine decay from ``lr`` to 5 % of it over the epochs (:func:`cosine_lr`)."""
+        set_lr(self.optimizer, cosine_lr(self.config.lr, epoch, self.config.epochs))
 
 
 HISTORY_COLUMNS = ("epoch", "batch_loss", "train_loss", "train_null_loss", "val_loss", "val_null_loss",

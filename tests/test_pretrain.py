@@ -17,7 +17,6 @@ from psma_lib.crop import load_crops
 from psma_lib.cv import (
     CVConfig,
     fit_lesion_cox,
-    image_inputs,
     lesion_scaling,
     make_model,
     standardise_inputs,
@@ -65,7 +64,7 @@ def test_pretrained_encoder_reads_held_out_lesions_suvmax(readable_crops, tmp_pa
     # the file read back as a fixed reader: the same held-out reading, in the measured units
     crops = load_crops(readable_crops)
     lesions = crops.lesions.astype({"patient_id": str})
-    read = read_lesions(tmp_path / "enc.safetensors", image_inputs(crops, lesions, "resnet18", "axial"))
+    read = read_lesions(tmp_path / "enc.safetensors", crops, lesions)
     measured = np.log(lesions["suvmax"].to_numpy())
     held = lesions["patient_id"].isin(holdout_patients(lesions["patient_id"], 0.25, seed=1)).to_numpy()
     r = np.corrcoef(read["log_suvmax"].to_numpy()[held], measured[held])[0, 1]
@@ -188,7 +187,7 @@ def test_reader_run_scores_lesions_by_a_training_fold_cox_fit_on_the_fixed_reade
     crops = load_crops(tiny_crops)
     lesions = crops.lesions.astype({"patient_id": str})
     patients = crops.patients.astype({"patient_id": str})
-    readings = read_lesions(weights, image_inputs(crops, lesions, "resnet18", "axial")).to_numpy()
+    readings = read_lesions(weights, crops, lesions).to_numpy()
     folds = pd.read_csv(run.out_dir / "folds.csv", dtype={"patient_id": str})
     oof_lesions = run.oof_lesions.set_index("lesion_id")
     for k in range(3):
