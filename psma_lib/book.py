@@ -54,6 +54,10 @@ class Profile:
     ``stem``: the 2D ResNets' stem (None: :data:`psma_lib.vocabulary.DEFAULT_STEM`, without the
     max-pool); ``ci`` and ``quick`` keep torchvision's ``standard`` stem, whose residual stages
     cost about 2.4x less on a CPU (docs/METHOD.md, eighth round).
+    ``pretrain_patients`` / ``pretrain_epochs`` / ``pretrain_batch_size``: the lesion reader's
+    pretraining (:func:`reader_weights`) on another synthetic cohort of that many patients, without
+    outcomes (docs/METHOD.md, twelfth round: the quick book's choice, read off how well candidates
+    read the lesions, no outcome involved).
     """
 
     name: str
@@ -69,6 +73,9 @@ class Profile:
     clinical_lr: float = 1e-2
     repeats: int = 1
     stem: str | None = None
+    pretrain_patients: int = 100
+    pretrain_epochs: int = 60
+    pretrain_batch_size: int = 32
     description: str = ""
 
 
@@ -76,6 +83,7 @@ PROFILES: dict[str, Profile] = {
     "ci": Profile(
         name="ci", patients=30, size_mm=48.0, spacing_mm=3.0, epochs=2,
         backbones=("resnet18",), n_bootstrap=200, stem="standard",
+        pretrain_patients=20, pretrain_epochs=2, pretrain_batch_size=16,
         description="smallest: every chapter, table and figure in a few minutes on 2 CPU cores",
     ),
     "quick": Profile(
@@ -107,6 +115,7 @@ class BookSettings:
     spacing_mm: float
     folds: int
     n_bootstrap: int
+    reader_weights: Path | None = None
     show_progress: bool = True
 
     @property
@@ -149,6 +158,7 @@ def settings(
     epochs: int | None = None,
     backbones: Sequence[str] | None = None,
     patients: int | None = None,
+    reader_weights: str | os.PathLike | None = None,
     show_progress: bool = True,
 ) -> BookSettings:
     """Resolve a chapter's ``parameters`` cell into :class:`BookSettings`.
@@ -156,7 +166,9 @@ def settings(
     ``profile`` None → ``$PSMA_BOOK_PROFILE`` or ``"quick"``; ``output_dir`` None →
     ``$PSMA_BOOK_OUTPUT`` or ``_build/results/<profile>``; ``manifest`` None → the default
     synthetic cohort generated into the output folder. ``epochs``/``backbones``/``patients``
-    None → the profile's values.
+    None → the profile's values. ``reader_weights``: a lesion reader of ``psma-pfs pretrain``
+    (trained on an archive of scans with lesion masks) for the reader runs; None → on the
+    synthetic cohort the book pretrains one (:func:`reader_weights`), on a real cohort there is none.
 
     >>> s = settings(profile="ci", output_dir="/tmp/book")
     >>> (s.epochs, s.backbones, str(s.output_dir))
@@ -174,6 +186,9 @@ def settings(
     manifest_path = resolve_path(manifest) if manifest else None
     if manifest_path is not None and not manifest_path.is_file():
         raise InputError("manifest not found", file=str(manifest_path))
+    reader_path = resolve_path(reader_weights) if reader_weights else None
+    if reader_path is not None and not reader_path.is_file():
+        raise InputError("reader weights not found (a psma-pfs pretrain file)", file=str(reader_path))
     return BookSettings(
         profile=profile,
         output_dir=resolve_path(output_dir),
@@ -187,6 +202,7 @@ def settings(
         spacing_mm=prof.spacing_mm,
         folds=prof.folds,
         n_bootstrap=prof.n_bootstrap,
+        reader_weights=reader_path,
         show_progress=show_progress,
     )
 
@@ -220,12 +236,12 @@ def crops(s: BookSettings) -> CropSet:
                                 progress=s.show_progress)
 
 
-def pretrained_encoder(s: BookSettings, *, seed: int, patients: int, epochs: int) -> Path:
+def pretrained_encoder(s: BookSettings, *, seed: int, patients: int, epochs: int, batch_size: int = 128) -> Path:
     """An encoder pretrained (:func:`psma_lib.pipeline.pretrained_encoder`) on another cohort of
     the default generator (``seed`` must differ from the book's; its outcomes are never read),
     cropped at the profile's size and spacing, with the view, stem and channels of the profile's
-    imaging ResNet; cached in the output folder. The benches' tenth and eleventh rounds
-    (docs/METHOD.md) use it."""
+    imaging ResNet; cached in the output folder. :func:`reader_weights` and the benches' tenth to
+    twelfth rounds (docs/METHOD.md) use it."""
     from .pretrain import PretrainConfig
 
     if seed == s.seed:
@@ -234,7 +250,27 @@ def pretrained_encoder(s: BookSettings, *, seed: int, patients: int, epochs: int
     pretraining = pipeline.crop_cohort(pipeline.generate_cohort(s.output_dir, patients=patients, seed=seed),
                                        s.output_dir, size_mm=s.size_mm, spacing_mm=s.spacing_mm)
     return pipeline.pretrained_encoder(pretraining, s.output_dir, PretrainConfig(
-        view=imaging.view, stem=imaging.stem, channels=imaging.channels, epochs=epochs, progress=False))
+        view=imaging.view, stem=imaging.stem, channels=imaging.channels, epochs=epochs, batch_size=batch_size,
+        progress=False))
+
+
+#: The book's pretraining cohort is the default generator's draw ``seed + PRETRAIN_SEED_OFFSET``.
+PRETRAIN_SEED_OFFSET = 1000
+
+
+def reader_weights(s: BookSettings) -> Path | None:
+    """The lesion reader of the book's ``reader`` runs: ``s.reader_weights`` when given; on the
+    synthetic cohort otherwise an encoder pretrained on another synthetic cohort (draw ``s.seed +``
+    :data:`PRETRAIN_SEED_OFFSET`, the profile's ``pretrain_*`` settings),
+    made once and cached; on a real cohort without one, None (the chapters then skip the reader:
+    pretrain it on scans of other patients with lesion masks, ``psma-pfs pretrain``)."""
+    if s.reader_weights is not None:
+        return s.reader_weights
+    if s.manifest is not None:
+        return None
+    prof = PROFILES[s.profile]
+    return pretrained_encoder(s, seed=s.seed + PRETRAIN_SEED_OFFSET, patients=prof.pretrain_patients,
+                              epochs=prof.pretrain_epochs, batch_size=prof.pretrain_batch_size)
 
 
 def cv_config(s: BookSettings, modality: str, model: str | None = None,
@@ -242,6 +278,7 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
     """The profile's :class:`psma_lib.cv.CVConfig` of one run.
 
     ``model`` None: the modality's default (``resnet`` for images, ``mlp`` for clinical);
+    ``reader``: the fixed lesion reader of :func:`reader_weights` and a Cox model on its readings;
     ``backbone`` None: the settings' main backbone (ResNet runs only); ``covariates``: what a
     ``coxph`` baseline is fitted on (clinical, count, biomarkers, clinical+biomarkers, biomarkers+ct);
     ``repeat`` r > 0: the same run on the folds of seed ``s.seed + r``.
@@ -262,6 +299,12 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
     if model == "mlp":
         epochs = max(s.epochs, prof.clinical_epochs)
         return CVConfig(**common, epochs=epochs, lr=prof.clinical_lr, patience=epochs)
+    if model == "reader":
+        weights = reader_weights(s)
+        if weights is None:
+            raise InputError("the reader runs need a lesion reader: give the book reader_weights (a psma-pfs "
+                             "pretrain file trained on other patients' scans with lesion masks)")
+        return CVConfig(**common, weights=str(weights), aggregation=prof.aggregation)
     return CVConfig(**common, covariates=covariates)  # coxph: fitted once per fold, no schedule
 
 

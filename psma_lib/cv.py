@@ -25,13 +25,15 @@ mean lesion CT density, :func:`psma_lib.biomarkers.mean_ct_density`: the stronge
 reads nothing of the images beyond the masks' measurements; a patient without a measured density
 gets the training fold's mean); biomarkers are standardised with the training fold's mean and sd.
 
-``model="reader"`` (imaging): a pretrained lesion reader kept fixed (``weights``: a file of
-``psma-pfs pretrain``, :func:`psma_lib.pretrain.read_lesions`) reads each lesion's measured
-quantities from its pixels; in each fold a Cox model whose lesion log-hazards are linear in those
-readings, standardised on the training fold's lesions, is fitted on the training patients
-through the run's aggregation (:func:`fit_lesion_cox`). Nothing is trained by stochastic
-gradient; the scaling and weights are the fold's checkpoint (``reader.mean``, ``reader.sd``,
-``reader.weight``). docs/METHOD.md, eleventh round.
+``model="reader"`` (imaging, multimodal): a pretrained lesion reader kept fixed (``weights``: a
+file of ``psma-pfs pretrain``, :func:`psma_lib.pretrain.read_lesions`) reads each lesion's
+measured quantities from its pixels; in each fold a Cox model whose lesion log-hazards are linear
+in those readings, standardised on the training fold's lesions, is fitted on the training patients
+through the run's aggregation (:func:`fit_lesion_cox`); multimodal adds the patient's clinical
+columns (as the ``coxph`` baseline sees them: imputed and standardised on the training fold) to
+every lesion's log-hazard, fitted jointly. Nothing is trained by stochastic gradient; the scaling
+and weights are the fold's checkpoint (``reader.mean``, ``reader.sd``, ``reader.weight``: the
+readings' weights, then the clinical columns'). docs/METHOD.md, eleventh and twelfth rounds.
 
 Each run's summary (fold range, mean +- sd and the pooled out-of-fold C-index with its bootstrap
 CI) is computed once, by :func:`psma_lib.evaluation.summarize_cv`, and stored in
@@ -550,12 +552,15 @@ def fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
 
 
 def fit_lesion_cox(values: np.ndarray, lesions: pd.DataFrame, patients: pd.DataFrame, train_ids: Sequence[str],
-                   aggregation: str = DEFAULT_AGGREGATION) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+                   aggregation: str = DEFAULT_AGGREGATION, covariates: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """(mean, sd, weights) of a Cox model whose lesion log-hazards are linear in ``values``
     ``[L, K]`` (rows of ``lesions``), fitted on the patients ``train_ids`` alone: the values are
     standardised on their lesions (:func:`lesion_scaling`, unknown -> 0) and the weights fitted
     through ``aggregation`` (:func:`psma_lib.train.fit_lesion_linear`, :data:`COXPH_PENALIZER`).
     A lesion's log-hazard is then ``standardise_inputs(values, mean, sd) @ weights``.
+    ``covariates`` ``[len(train_ids), J]``: the training patients' own standardised covariates
+    (rows in ``train_ids``' order) beside them; their ``J`` weights follow the ``K`` in ``weights``.
 
     >>> lesions = pd.DataFrame({"patient_id": list("aabbcc")})
     >>> patients = pd.DataFrame({"patient_id": list("abc"), "pfs_months": [1.0, 2.0, 3.0], "event": [1, 1, 0]})
@@ -571,7 +576,8 @@ def fit_lesion_cox(values: np.ndarray, lesions: pd.DataFrame, patients: pd.DataF
     weight = fit_lesion_linear(standardise_inputs(values[train], mean, sd),
                                torch.tensor(lesions.loc[train, "patient_id"].map(row).to_numpy()),
                                torch.tensor(by_id.loc[train_ids, "pfs_months"].to_numpy(float)),
-                               torch.tensor(by_id.loc[train_ids, "event"].to_numpy(int)), aggregation, COXPH_PENALIZER)
+                               torch.tensor(by_id.loc[train_ids, "event"].to_numpy(int)), aggregation, COXPH_PENALIZER,
+                               None if covariates is None else torch.as_tensor(covariates, dtype=torch.float64))
     return mean, sd, weight
 
 
@@ -612,9 +618,18 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         test_lh = test_les["patient_id"].map(dict(zip(test_ids, test_risk, strict=True))).to_numpy()
     elif config.model == "reader":  # `images` holds each lesion's readings by the fixed, pretrained reader
         readings = images.numpy()
-        mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids, config.aggregation)
+        covariates = None  # multimodal: the clinical columns as a Cox baseline sees them, beside the readings
+        if config.modality == "multimodal":
+            covariates = _coxph_features(pre, by_id.reset_index()).astype(float)
+            covariates = pd.DataFrame(covariates, index=by_id.index)
+        mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids, config.aggregation,
+                                          None if covariates is None else covariates.loc[train_ids].to_numpy())
         tensors.update({"reader.mean": torch.tensor(mean), "reader.sd": torch.tensor(sd), "reader.weight": weight})
-        scores = lesions.assign(log_hazard=(standardise_inputs(readings, mean, sd).double() @ weight).numpy())
+        n_read = readings.shape[1]
+        log_hazard = (standardise_inputs(readings, mean, sd).double() @ weight[:n_read]).numpy()
+        if covariates is not None:  # a lesion's log-hazard holds its patient's clinical term
+            log_hazard = log_hazard + lesions["patient_id"].map(covariates @ weight[n_read:].numpy()).to_numpy()
+        scores = lesions.assign(log_hazard=log_hazard)
         risk = aggregate_lesion_risks(scores, config.aggregation)
         test_risk, train_risk = risk.loc[test_ids].to_numpy(), risk.loc[train_ids].to_numpy()
         test_les = scores[scores["patient_id"].isin(test_ids)].reset_index(drop=True)
@@ -999,8 +1014,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--modality", choices=MODALITIES, default=d.modality)
     p.add_argument("--model", choices=MODEL_KINDS, default=None,
                    help="resnet (imaging, multimodal), mlp (clinical, default), coxph (clinical: lifelines) or "
-                        "reader (imaging: a Cox model on what the fixed reader in --weights, from psma-pfs pretrain, "
-                        "reads of each lesion)")
+                        "reader (imaging, multimodal: a Cox model on what the fixed reader in --weights, from "
+                        "psma-pfs pretrain, reads of each lesion; multimodal adds the clinical columns)")
     p.add_argument("--backbone", type=_backbone_arg, default=None, metavar="{" + ",".join(BACKBONES) + "}",
                    help=f"the ResNet's backbone (default {DEFAULT_BACKBONE})")
     p.add_argument("--epochs", type=int, default=d.epochs)

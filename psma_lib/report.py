@@ -243,6 +243,27 @@ def crop_info_table(meta: dict, lesions: pd.DataFrame) -> pd.DataFrame:
     ], columns=["Property", "Value"])
 
 
+def reader_table(meta: dict) -> pd.DataFrame:
+    """A lesion reader's pretraining (:func:`psma_lib.pretrain.read_pretrained_meta`) in words: what it
+    was trained on, how long, and how well it reads the held-out patients' lesions.
+
+    >>> meta = {"config": {"backbone": "resnet18", "view": "axial", "epochs": 30, "batch_size": 128},
+    ...         "n_train_lesions": 360, "n_holdout_lesions": 40, "n_holdout_patients": 10,
+    ...         "data_checksum": "ab" * 32, "holdout_reading_r": {"log_volume": 0.9431}}
+    >>> reader_table(meta).iloc[-1].tolist()
+    ['held-out reading of log_volume (Pearson r)', '0.943']
+    """
+    config = meta["config"]
+    return pd.DataFrame([
+        ("encoder", f"{config['backbone']}, {config['view']} view"),
+        ("pretrained on", f"{meta['n_train_lesions']} lesions (data checksum {meta['data_checksum'][:12]}…); "
+                          "no outcome read"),
+        ("schedule", f"{config['epochs']} epochs, batches of {config['batch_size']}"),
+        ("held out", f"{meta['n_holdout_lesions']} lesions of {meta['n_holdout_patients']} patients"),
+        *((f"held-out reading of {name} (Pearson r)", f"{r:.3f}") for name, r in meta["holdout_reading_r"].items()),
+    ], columns=["Property", "Value"])
+
+
 # --------------------------------------------------------------------------- cross-validated runs
 
 
@@ -408,6 +429,8 @@ def settings_table(s) -> pd.DataFrame:
         ("device", s.device), ("seed", s.seed), ("epochs", s.epochs),
         ("backbones", ", ".join(s.backbones)), ("folds", s.folds),
         ("crop", f"{s.size_mm:g} mm at {s.spacing_mm:g} mm"),
+        ("lesion reader", s.shown(s.reader_weights) if s.reader_weights else
+         "none (real cohort: give reader_weights)" if s.manifest else "pretrained on another synthetic cohort"),
     ], columns=["Parameter", "Value"])
 
 

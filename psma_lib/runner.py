@@ -91,15 +91,17 @@ def execute_chapter(path: Path, out: Path, parameters: dict, prepare_only: bool 
 
 def run_book(profile: str = "quick", output_dir: str | os.PathLike | None = None,
              manifest: str | os.PathLike | None = None, chapters: Sequence[str] | None = None,
-             build_html: bool = True, device: str = "auto", seed: int = 0) -> Path:
+             build_html: bool = True, device: str = "auto", seed: int = 0,
+             reader_weights: str | os.PathLike | None = None) -> Path:
     """Execute the chapters with papermill, then build the HTML book into ``_build/html``.
 
     Nothing is written outside ``_build/`` (and the output folder). Returns the build tree.
     """
-    s = settings(profile=profile, output_dir=output_dir, manifest=manifest, device=device, seed=seed)
+    s = settings(profile=profile, output_dir=output_dir, manifest=manifest, device=device, seed=seed,
+                 reader_weights=reader_weights)
     params = {"profile": s.profile, "output_dir": str(s.output_dir),
               "manifest": str(s.manifest) if s.manifest else None, "device": s.device,
-              "seed": s.seed}
+              "seed": s.seed, "reader_weights": str(s.reader_weights) if s.reader_weights else None}
     tree = BUILD_DIR / "book" / s.profile
     (tree / "chapters").mkdir(parents=True, exist_ok=True)
     paths = chapter_paths(chapters)
@@ -163,6 +165,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--no-html", action="store_true", help="execute the chapters only")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reader-weights", default=None, metavar="FILE",
+                   help="the lesion reader of the reader runs (psma-pfs pretrain on other patients' scans with "
+                        "lesion masks); default: pretrained on another synthetic cohort (synthetic data only)")
     p.set_defaults(func=_cli_book)
 
 
@@ -170,7 +175,8 @@ def _cli_book(args) -> int:
     # Paths on the command line are relative to the caller's cwd, not the repository root.
     output = os.path.abspath(args.output) if args.output else None
     manifest = os.path.abspath(args.manifest) if args.manifest else None
+    reader = os.path.abspath(args.reader_weights) if args.reader_weights else None
     partial = args.chapters is not None and len(chapter_paths(args.chapters)) < len(CHAPTERS)
     run_book(args.profile, output, manifest, args.chapters,
-             build_html=not (args.no_html or partial), device=args.device, seed=args.seed)
+             build_html=not (args.no_html or partial), device=args.device, seed=args.seed, reader_weights=reader)
     return 0

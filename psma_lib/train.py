@@ -342,35 +342,49 @@ def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = DEFAULT
 
 def fit_lesion_linear(inputs: torch.Tensor, lesion_patient: torch.Tensor, time: torch.Tensor,
                       event: torch.Tensor, aggregation: str = DEFAULT_AGGREGATION,
-                      penalizer: float = 0.01) -> torch.Tensor:
-    """Weights ``[K]`` (float64) of a Cox model whose lesion log-hazards are linear in ``inputs``.
+                      penalizer: float = 0.01, patient_inputs: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights ``[K]`` (``[K + J]`` with ``patient_inputs``; float64) of a Cox model whose lesion
+    log-hazards are linear in ``inputs``.
 
     The patients' risks are the lesions' ``inputs @ w`` combined with ``aggregation``
-    (:func:`~psma_lib.models.segment_aggregate`); ``w`` minimises the Efron negative log partial
-    likelihood over the number of patients plus ``penalizer / 2 * |w|^2`` -- lifelines'
-    ``CoxPHFitter(penalizer=...)`` objective, which it equals for one lesion per patient
-    (tests/test_cox.py compares them). L-BFGS from 0, in float64.
+    (:func:`~psma_lib.models.segment_aggregate`), plus ``patient_inputs @ b`` where given (e.g. the
+    clinical covariates: a lesion's log-hazard is then its own term plus its patient's, whose
+    aggregate -- sum, mean or max -- adds the patient's term once); the weights ``[w, b]`` minimise the
+    Efron negative log partial likelihood over the number of patients plus
+    ``penalizer / 2 * |[w, b]|^2`` -- lifelines' ``CoxPHFitter(penalizer=...)`` objective, which it
+    equals for one lesion per patient (tests/test_cox.py compares them). L-BFGS from 0, in float64.
 
     Args:
         inputs: ``[L, K]`` standardised measured quantities of the lesions.
         lesion_patient: ``[L]`` int64 patient row of each lesion in ``0..P-1``.
         time, event: ``[P]`` the patients' times and 0/1 events.
+        patient_inputs: ``[P, J]`` standardised patient-level covariates, or None.
 
     >>> z = torch.tensor([[1.0], [0.0], [-1.0], [0.5]])
     >>> w = fit_lesion_linear(z, torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, 1, 1, 0]))
     >>> w.shape, bool(w[0] > 0)  # the higher input had the earlier event
     (torch.Size([1]), True)
+    >>> x = torch.tensor([[0.0], [1.0], [0.0], [1.0]])  # a patient covariate beside it
+    >>> fit_lesion_linear(z, torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, 1, 1, 0]),
+    ...                   patient_inputs=x).shape
+    torch.Size([2])
     """
     z = inputs.detach().double().cpu()
     bags, n = lesion_patient.detach().cpu(), int(time.shape[0])
     time, event = time.detach().double().cpu(), event.detach().cpu()
-    w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    x = None if patient_inputs is None else patient_inputs.detach().double().cpu()
+    if x is not None and x.shape[0] != n:
+        raise ValueError(f"patient_inputs has {x.shape[0]} rows for {n} patients")
+    k = z.shape[1]
+    w = torch.zeros(k + (0 if x is None else x.shape[1]), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([w], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14,
                                   line_search_fn="strong_wolfe")
 
     def objective():
         optimizer.zero_grad()
-        risk = segment_aggregate(z @ w, bags, n, aggregation)
+        risk = segment_aggregate(z @ w[:k], bags, n, aggregation)
+        if x is not None:
+            risk = risk + x @ w[k:]
         loss = neg_partial_log_likelihood(risk, time, event, reduction="sum") / n + penalizer / 2 * (w * w).sum()
         loss.backward()
         return loss

@@ -43,10 +43,11 @@ MODALITIES = ("clinical", "imaging", "multimodal")
 #: What a cross-validated run trains: ``resnet`` (a ResNet-Cox model on lesion crops, imaging or
 #: multimodal), ``mlp`` (the ResNet-Cox pipeline's clinical branch alone), ``coxph`` (the
 #: classical Cox proportional-hazards model of lifelines on the clinical columns) or ``reader``
-#: (imaging: a Cox model whose lesion log-hazards are linear in what a pretrained, fixed lesion
-#: reader reads from the pixels -- ``psma-pfs pretrain``'s weights; docs/METHOD.md, eleventh round).
+#: (imaging, multimodal: a Cox model whose lesion log-hazards are linear in what a pretrained, fixed
+#: lesion reader reads from the pixels -- ``psma-pfs pretrain``'s weights -- plus, multimodal, the
+#: clinical columns; docs/METHOD.md, eleventh and twelfth rounds).
 MODEL_KINDS = ("resnet", "mlp", "coxph", "reader")
-_KINDS_BY_MODALITY = {"clinical": ("mlp", "coxph"), "imaging": ("resnet", "reader"), "multimodal": ("resnet",)}
+_KINDS_BY_MODALITY = {"clinical": ("mlp", "coxph"), "imaging": ("resnet", "reader"), "multimodal": ("resnet", "reader")}
 
 BACKBONES_2D = ("resnet18", "resnet34", "resnet50")
 BACKBONES_3D = ("r3d_18",)

@@ -64,6 +64,30 @@ def test_bad_parameters_raise_one_clear_input_error(tmp_path):
         book.cv_config(s, "clinical", "mlp", "resnet50")
 
 
+def test_reader_runs_take_the_given_reader_and_refuse_a_real_cohort_without_one(tmp_path, monkeypatch):
+    weights = tmp_path / "reader.safetensors"
+    weights.write_bytes(b"x")
+    s = book.settings(profile="ci", output_dir=tmp_path, reader_weights=weights)
+    assert book.reader_weights(s) == weights
+    config = book.cv_config(s, "multimodal", "reader")
+    assert (config.model, config.weights, config.aggregation) == ("reader", str(weights), "sum")
+    with pytest.raises(InputError, match="reader weights not found"):
+        book.settings(profile="ci", reader_weights=tmp_path / "missing.safetensors")
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text("cohort: {}\n")
+    real = book.settings(profile="ci", output_dir=tmp_path, manifest=manifest)
+    assert book.reader_weights(real) is None
+    with pytest.raises(InputError, match="reader_weights"):
+        book.cv_config(real, "imaging", "reader")
+    # the synthetic cohort's own reader: pretrained on another draw of the generator, the profile's size
+    calls = []
+    monkeypatch.setattr(book, "pretrained_encoder", lambda s, **kw: calls.append(kw) or weights)
+    assert book.reader_weights(book.settings(profile="quick", output_dir=tmp_path, seed=3)) == weights
+    assert calls == [dict(seed=3 + book.PRETRAIN_SEED_OFFSET, patients=book.PROFILES["quick"].pretrain_patients,
+                          epochs=book.PROFILES["quick"].pretrain_epochs,
+                          batch_size=book.PROFILES["quick"].pretrain_batch_size)]
+
+
 def test_cv_configs_follow_the_profile(tmp_path):
     s = book.settings(profile="ci", output_dir=tmp_path)
     mm = book.cv_config(s, "multimodal")

@@ -314,3 +314,27 @@ def test_lesion_linear_fit_matches_penalised_lifelines_on_rossi(rossi):
     np.testing.assert_allclose(one.numpy(), cph.params_[ROSSI_COVARIATES].to_numpy(), atol=1e-4, rtol=0)
     two = fit_lesion_linear(inputs.repeat(2, 1), torch.arange(n).repeat(2), time, event, "sum", penalizer=0.01)
     np.testing.assert_allclose(two.numpy(), one.numpy(), atol=1e-5)
+
+
+def test_lesion_linear_fit_with_patient_covariates_matches_penalised_lifelines_on_rossi(rossi):
+    """Part of rossi's covariates as the lesions' inputs and the rest as the patients' own: the joint
+    fit is lifelines' penalised Cox model on all of them (one lesion per patient, or two identical
+    lesions summed); the patient covariates' weights follow ``inputs``' in the result."""
+    from psma_lib.train import fit_lesion_linear
+
+    x = rossi[ROSSI_COVARIATES]
+    z = (x - x.mean()) / x.std(ddof=0)
+    cph = CoxPHFitter(penalizer=0.01).fit(z.assign(week=rossi["week"], arrest=rossi["arrest"]), "week", "arrest")
+    lesion_cols, patient_cols = ROSSI_COVARIATES[:3], ROSSI_COVARIATES[3:]
+    inputs = torch.tensor(z[lesion_cols].to_numpy(), dtype=torch.float32)
+    covariates = torch.tensor(z[patient_cols].to_numpy(), dtype=torch.float32)
+    time, event = torch.tensor(rossi["week"].to_numpy(), dtype=torch.float64), torch.tensor(rossi["arrest"].to_numpy())
+    n = len(rossi)
+    expected = cph.params_[[*lesion_cols, *patient_cols]].to_numpy()
+    one = fit_lesion_linear(inputs, torch.arange(n), time, event, "sum", 0.01, patient_inputs=covariates)
+    np.testing.assert_allclose(one.numpy(), expected, atol=1e-4, rtol=0)
+    two = fit_lesion_linear(inputs.repeat(2, 1), torch.arange(n).repeat(2), time, event, "sum", 0.01,
+                            patient_inputs=covariates)
+    np.testing.assert_allclose(two.numpy(), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="rows"):
+        fit_lesion_linear(inputs, torch.arange(n), time, event, "sum", 0.01, patient_inputs=covariates[:-1])

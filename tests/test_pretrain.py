@@ -15,7 +15,9 @@ from psma_lib import pipeline
 from psma_lib.cli import main as cli_main
 from psma_lib.crop import load_crops
 from psma_lib.cv import (
+    ClinicalPreprocessor,
     CVConfig,
+    _coxph_features,
     fit_lesion_cox,
     lesion_scaling,
     make_model,
@@ -203,7 +205,48 @@ def test_reader_run_scores_lesions_by_a_training_fold_cox_fit_on_the_fixed_reade
         got = oof_lesions.loc[lesions.loc[test, "lesion_id"], "log_hazard"].to_numpy()
         assert np.allclose(got, expected, atol=1e-6)
     for bad, message in ((dict(weights=None), "reader model"), (dict(weights=str(tiny_crops / "crops.json")), "pretrain"),
-                         (dict(modality="multimodal"), "multimodal trains model resnet")):
+                         (dict(modality="clinical"), "clinical trains model")):
         with pytest.raises(InputError, match=message):
             pipeline.run_cv(load_crops(tiny_crops), tmp_path / "bad", dataclasses.replace(config, **bad))
         assert not (tmp_path / "bad" / "cv").exists() or not any((tmp_path / "bad" / "cv").iterdir())
+
+
+def test_multimodal_reader_run_adds_the_training_folds_clinical_cox_terms_to_the_readings(tiny_crops, tmp_path):
+    """``--modality multimodal --model reader``: one Cox model of the training patients on the reader's
+    readings and the clinical columns (imputed and standardised on the training fold, as the coxph
+    baseline sees them); a lesion's log-hazard is its readings' term plus its patient's clinical
+    term, and the patient's risk their aggregate."""
+    weights = tmp_path / "enc.safetensors"
+    pretrain_encoder(tiny_crops, weights, PretrainConfig(**FAST))
+    config = CVConfig(modality="multimodal", model="reader", weights=str(weights), folds=3, seed=4, progress=False,
+                      device="cpu", num_threads=1, n_bootstrap=20)
+    run = pipeline.run_cv(load_crops(tiny_crops), tmp_path, config)
+    assert run.out_dir.name.startswith("multimodal-reader-")
+    crops = load_crops(tiny_crops)
+    lesions = crops.lesions.astype({"patient_id": str})
+    patients = crops.patients.astype({"patient_id": str})
+    by_id = patients.set_index("patient_id")
+    readings = read_lesions(weights, crops, lesions).to_numpy()
+    folds = pd.read_csv(run.out_dir / "folds.csv", dtype={"patient_id": str})
+    oof_lesions = run.oof_lesions.set_index("lesion_id")
+    oof = run.oof.set_index("patient_id")
+    for k in range(3):
+        train_ids = sorted(folds.loc[folds["fold"] != k, "patient_id"])
+        test_ids = sorted(folds.loc[folds["fold"] == k, "patient_id"])
+        pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
+        clinical = lambda ids, pre=pre: _coxph_features(pre, by_id.loc[ids].reset_index())  # noqa: E731
+        mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids, covariates=clinical(train_ids))
+        stored = load_file(str(run.out_dir / "checkpoints" / f"fold{k}.safetensors"))
+        n_read = readings.shape[1]
+        assert weight.shape == (n_read + clinical(train_ids).shape[1],)
+        assert torch.allclose(stored["reader.weight"], weight)
+        assert weight[n_read:].abs().max() > 1e-3  # the clinical columns are in the fit
+        test = lesions["patient_id"].isin(test_ids).to_numpy()
+        term = dict(zip(test_ids, clinical(test_ids) @ weight[n_read:].numpy(), strict=True))
+        expected = (standardise_inputs(readings[test], mean, sd).double() @ weight[:n_read]).numpy() + \
+            lesions.loc[test, "patient_id"].map(term).to_numpy()
+        got = oof_lesions.loc[lesions.loc[test, "lesion_id"], "log_hazard"].to_numpy()
+        assert np.allclose(got, expected, atol=1e-6)
+        risk = pd.Series(expected).groupby(lesions.loc[test, "patient_id"].to_numpy()).apply(
+            lambda h: np.log(np.exp(h).sum()))
+        assert np.allclose(oof.loc[risk.index, "risk"], risk, atol=1e-6)
