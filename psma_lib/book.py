@@ -341,8 +341,20 @@ def ablation_specs(s: BookSettings) -> list[dict]:
 
 def ablation_runs(s: BookSettings) -> list[CVResult]:
     """Every configuration of the ablation: the clinical runs and the Cox baselines once, then
-    imaging and multimodal for each backbone of the settings."""
-    return [cv(s, **run) for run in ablation_specs(s)]
+    imaging and multimodal for each backbone of the settings, then the reader runs
+    (:func:`reader_runs`)."""
+    return [cv(s, **run) for run in ablation_specs(s)] + reader_runs(s)
+
+
+#: The lesion reader's runs as :func:`cv` keywords (seconds on a CPU: no grid needed for them).
+READER_RUNS = (dict(modality="imaging", model="reader"), dict(modality="multimodal", model="reader"))
+
+
+def reader_runs(s: BookSettings) -> list[CVResult]:
+    """The imaging and multimodal reader runs (a Cox model per fold on what the fixed lesion
+    reader of :func:`reader_weights` reads; multimodal adds the clinical columns); none on a real
+    cohort without ``reader_weights``."""
+    return [cv(s, **run) for run in READER_RUNS] if reader_weights(s) is not None else []
 
 
 def repeat_models(s: BookSettings) -> dict[str, dict]:
@@ -358,8 +370,10 @@ def repeat_models(s: BookSettings) -> dict[str, dict]:
 
 
 def cv_configs(s: BookSettings) -> list[CVConfig]:
-    """Every cross-validation configuration the chapters ask for, each once: the ablation's runs
-    (which include every single-model chapter's) and chapter 6's repeats with new fold seeds.
+    """Every cross-validation configuration the chapters ask for that trains a network or a
+    baseline, each once: the ablation's runs (which include every single-model chapter's) and
+    chapter 6's repeats with new fold seeds. Not the reader runs (:func:`reader_runs`), which need
+    the pretrained reader first and fit in seconds on a CPU.
 
     >>> [c.name for c in cv_configs(settings(profile="ci"))][:3]
     ['clinical-coxph', 'clinical-mlp', 'clinical-coxph-count']

@@ -299,7 +299,8 @@ def ablation_table(runs: Sequence, headline: pd.DataFrame) -> pd.DataFrame:
             "Modality": config.covariates if baseline else config.modality,
             "Backbone": config.backbone or EMPTY, "Model": MODEL_NAMES[config.model],
             "Fold range (min–max)": fmt_range(sm["fold_min"], sm["fold_max"]),
-            "Paper's fold range": EMPTY if baseline else fmt_range(*PAPER_C_INDEX_RANGE[config.modality]),
+            "Paper's fold range": EMPTY if baseline or config.model == "reader"
+            else fmt_range(*PAPER_C_INDEX_RANGE[config.modality]),
             "Fold-mean C (95 % CI)": fmt_ci(head.fold_mean, head.ci_low, head.ci_high),
             "Pooled C, training-standardised": f"{head.pooled_standardised:.3f}",
             "Patients / events": f"{sm['n_patients']} / {sm['n_events']}",
@@ -509,10 +510,23 @@ def delta_verdict(row) -> str:
 
 
 def images_add_conclusion(deltas: pd.DataFrame):
-    """Chapter 6's conclusion box: the first ΔC row (imaging network vs lesion count) leads."""
-    lead = ("The imaging network ranks patients better than counting their lesions."
-            if deltas.iloc[0]["ci_low"] > 0 else
-            "<b>The imaging network does not beat counting lesions</b> on this cohort: the difference is "
-            "not larger than the noise of a cohort this size, or it favours the count.")
+    """Chapter 6's conclusion box: the first ΔC row (imaging network vs lesion count) leads, and the
+    imaging reader's row against the count where there is one; then every row in words."""
+    leads = [_count_lead(deltas.iloc[0], "imaging network")]
+    reader = deltas[deltas["comparison"] == "imaging reader − lesion count (Cox)"]
+    if len(reader):
+        leads.append(_count_lead(reader.iloc[0], "imaging reader"))
     items = "".join(f"<li>{delta_verdict(r)}</li>" for r in deltas.itertuples())
-    return admonition("note", "Conclusion", f"<p>{lead}</p><ul>{items}</ul>")
+    return admonition("note", "Conclusion", "".join(f"<p>{lead}</p>" for lead in leads) + f"<ul>{items}</ul>")
+
+
+def _count_lead(row, model: str) -> str:
+    """One sentence: does ``model`` beat counting lesions (its ΔC row against the count's CI)?
+
+    >>> _count_lead({"ci_low": 0.01}, "imaging reader")
+    'The imaging reader ranks patients better than counting their lesions.'
+    """
+    if row["ci_low"] > 0:
+        return f"The {model} ranks patients better than counting their lesions."
+    return (f"<b>The {model} does not beat counting lesions</b> on this cohort: the difference is "
+            "not larger than the noise of a cohort this size, or it favours the count.")

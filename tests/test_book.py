@@ -79,6 +79,7 @@ def test_reader_runs_take_the_given_reader_and_refuse_a_real_cohort_without_one(
     assert book.reader_weights(real) is None
     with pytest.raises(InputError, match="reader_weights"):
         book.cv_config(real, "imaging", "reader")
+    assert book.reader_runs(real) == []  # the chapters skip the reader there
     # the synthetic cohort's own reader: pretrained on another draw of the generator, the profile's size
     calls = []
     monkeypatch.setattr(book, "pretrained_encoder", lambda s, **kw: calls.append(kw) or weights)
@@ -151,3 +152,4 @@ def test_intro_profile_table_matches_the_code():
         assert cells[3] == f"{prof.size_mm:g} mm at {prof.spacing_mm:g} mm"
         assert cells[4] == str(prof.epochs)
         assert all(b.replace("resnet", "") in cells[5] for b in prof.backbones)
+        assert cells[6] == f"{prof.pretrain_patients} other synthetic patients, {prof.pretrain_epochs} epochs"

@@ -174,3 +174,7 @@ def test_comparison_and_repeat_tables_and_the_conclusion_follow_the_numbers():
     box = report.images_add_conclusion(deltas).data
     assert "does not beat counting lesions" in box and "ranks patients better" in box
     assert "ranks patients better than counting" in report.images_add_conclusion(deltas.iloc[::-1]).data
+    with_reader = pd.concat([deltas, pd.DataFrame({"comparison": ["imaging reader − lesion count (Cox)"],
+                                                   "delta": [0.05], "ci_low": [0.01], "ci_high": [0.09]})])
+    box = report.images_add_conclusion(with_reader).data
+    assert "The imaging network does not beat" in box and "The imaging reader ranks patients better" in box
