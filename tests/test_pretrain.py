@@ -179,18 +179,25 @@ def test_frozen_encoder_stays_as_loaded_while_the_heads_train(tiny_crops, tmp_pa
         CVConfig(modality="imaging", freeze_encoder=True).validate()
 
 
-def test_reader_run_scores_lesions_by_a_training_fold_cox_fit_on_the_fixed_readers_readings(tiny_crops, tmp_path):
+def _reader_run(crops_dir, tmp_path, modality: str):
+    """A 3-fold reader run of ``modality`` on ``crops_dir`` with a freshly pretrained reader:
+    (run, its config, lesions, patients, the reader's readings of the lesions, the run's folds)."""
     weights = tmp_path / "enc.safetensors"
-    pretrain_encoder(tiny_crops, weights, PretrainConfig(**FAST))
-    config = CVConfig(modality="imaging", model="reader", weights=str(weights), folds=3, seed=4, progress=False,
+    pretrain_encoder(crops_dir, weights, PretrainConfig(**FAST))
+    config = CVConfig(modality=modality, model="reader", weights=str(weights), folds=3, seed=4, progress=False,
                       device="cpu", num_threads=1, n_bootstrap=20)
-    run = pipeline.run_cv(load_crops(tiny_crops), tmp_path, config)
-    assert run.out_dir.name.startswith("imaging-reader-")
-    crops = load_crops(tiny_crops)
+    run = pipeline.run_cv(load_crops(crops_dir), tmp_path, config)
+    assert run.out_dir.name.startswith(f"{modality}-reader-")
+    crops = load_crops(crops_dir)
     lesions = crops.lesions.astype({"patient_id": str})
     patients = crops.patients.astype({"patient_id": str})
     readings = read_lesions(weights, crops, lesions).to_numpy()
     folds = pd.read_csv(run.out_dir / "folds.csv", dtype={"patient_id": str})
+    return run, config, lesions, patients, readings, folds
+
+
+def test_reader_run_scores_lesions_by_a_training_fold_cox_fit_on_the_fixed_readers_readings(tiny_crops, tmp_path):
+    run, config, lesions, patients, readings, folds = _reader_run(tiny_crops, tmp_path, "imaging")
     oof_lesions = run.oof_lesions.set_index("lesion_id")
     for k in range(3):
         train_ids = sorted(folds.loc[folds["fold"] != k, "patient_id"])
@@ -216,18 +223,8 @@ def test_multimodal_reader_run_adds_the_training_folds_clinical_cox_terms_to_the
     readings and the clinical columns (imputed and standardised on the training fold, as the coxph
     baseline sees them); a lesion's log-hazard is its readings' term plus its patient's clinical
     term, and the patient's risk their aggregate."""
-    weights = tmp_path / "enc.safetensors"
-    pretrain_encoder(tiny_crops, weights, PretrainConfig(**FAST))
-    config = CVConfig(modality="multimodal", model="reader", weights=str(weights), folds=3, seed=4, progress=False,
-                      device="cpu", num_threads=1, n_bootstrap=20)
-    run = pipeline.run_cv(load_crops(tiny_crops), tmp_path, config)
-    assert run.out_dir.name.startswith("multimodal-reader-")
-    crops = load_crops(tiny_crops)
-    lesions = crops.lesions.astype({"patient_id": str})
-    patients = crops.patients.astype({"patient_id": str})
+    run, _, lesions, patients, readings, folds = _reader_run(tiny_crops, tmp_path, "multimodal")
     by_id = patients.set_index("patient_id")
-    readings = read_lesions(weights, crops, lesions).to_numpy()
-    folds = pd.read_csv(run.out_dir / "folds.csv", dtype={"patient_id": str})
     oof_lesions = run.oof_lesions.set_index("lesion_id")
     oof = run.oof.set_index("patient_id")
     for k in range(3):
