@@ -53,7 +53,9 @@ class Profile:
     (``seed``, ``seed + 1``, ...) to show how much the fold mean depends on the split.
     ``stem``: the 2D ResNets' stem (None: :data:`psma_lib.vocabulary.DEFAULT_STEM`, without the
     max-pool); ``ci`` and ``quick`` keep torchvision's ``standard`` stem, whose residual stages
-    cost about 2.4x less on a CPU (docs/METHOD.md, eighth round).
+    cost about 2.4x less on a CPU (docs/METHOD.md, eighth round). ``eval_every``: the ResNets'
+    learning curves get a point every n-th epoch and at the last (each costs a forward pass over
+    the training patients; the weights are the same).
     ``pretrain_patients`` / ``pretrain_epochs`` / ``pretrain_batch_size``: the lesion reader's
     pretraining (:func:`reader_weights`) on another synthetic cohort of that many patients, without
     outcomes (docs/METHOD.md, twelfth round: the quick book's choice, read off how well candidates
@@ -73,6 +75,7 @@ class Profile:
     clinical_lr: float = 1e-2
     repeats: int = 1
     stem: str | None = None
+    eval_every: int = 1
     pretrain_patients: int = 100
     pretrain_epochs: int = 60
     pretrain_batch_size: int = 32
@@ -293,7 +296,7 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
                   n_bootstrap=s.n_bootstrap, progress=s.show_progress)
     if model == "resnet":
         return CVConfig(**common, backbone=backbone or s.main_backbone, epochs=s.epochs,
-                        aggregation=prof.aggregation, stem=prof.stem)
+                        aggregation=prof.aggregation, stem=prof.stem, eval_every=prof.eval_every)
     if backbone is not None:
         raise InputError(f"the {model} model has no image backbone; got backbone {backbone!r}")
     if model == "mlp":
