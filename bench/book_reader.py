@@ -41,7 +41,7 @@ from psma_lib.recovery import lesion_truth_table, noise_baseline, truth_recovery
 from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
 
-READER, MM_READER = "imaging reader", "multimodal reader"
+READER, MM_READER = book.READER_RUNS  # "imaging reader", "multimodal reader"
 BASELINES = {"lesion count (Cox)": dict(modality="clinical", model="coxph", covariates="count"),
              "clinical (Cox)": dict(modality="clinical", model="coxph"),
              "clinical + biomarkers (Cox)": dict(modality="clinical", model="coxph", covariates="clinical+biomarkers"),
@@ -54,8 +54,7 @@ def evaluate_seed(s: book.BookSettings, networks: bool, n_boot: int) -> dict:
     t0 = time.monotonic()
     weights = book.reader_weights(s)
     pretrain_seconds = time.monotonic() - t0
-    specs = {READER: dict(modality="imaging", model="reader"), MM_READER: dict(modality="multimodal", model="reader"),
-             **BASELINES, **(NETWORKS if networks else {})}
+    specs = {**book.READER_RUNS, **BASELINES, **(NETWORKS if networks else {})}
     runs = {name: book.cv(s, **spec) for name, spec in specs.items()}
     folders = {name: run.out_dir for name, run in runs.items()}
     pairs = [(READER, b) for b in ("lesion count (Cox)", "biomarkers + CT density (Cox)")] + \

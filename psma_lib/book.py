@@ -53,9 +53,7 @@ class Profile:
     (``seed``, ``seed + 1``, ...) to show how much the fold mean depends on the split.
     ``stem``: the 2D ResNets' stem (None: :data:`psma_lib.vocabulary.DEFAULT_STEM`, without the
     max-pool); ``ci`` and ``quick`` keep torchvision's ``standard`` stem, whose residual stages
-    cost about 2.4x less on a CPU (docs/METHOD.md, eighth round). ``eval_every``: the ResNets'
-    learning curves get a point every n-th epoch and at the last (each costs a forward pass over
-    the training patients; the weights are the same).
+    cost about 2.4x less on a CPU (docs/METHOD.md, eighth round).
     ``pretrain_patients`` / ``pretrain_epochs`` / ``pretrain_batch_size``: the lesion reader's
     pretraining (:func:`reader_weights`) on another synthetic cohort of that many patients, without
     outcomes (docs/METHOD.md, twelfth round: the quick book's choice, read off how well candidates
@@ -75,7 +73,6 @@ class Profile:
     clinical_lr: float = 1e-2
     repeats: int = 1
     stem: str | None = None
-    eval_every: int = 1
     pretrain_patients: int = 100
     pretrain_epochs: int = 60
     pretrain_batch_size: int = 32
@@ -296,7 +293,7 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
                   n_bootstrap=s.n_bootstrap, progress=s.show_progress)
     if model == "resnet":
         return CVConfig(**common, backbone=backbone or s.main_backbone, epochs=s.epochs,
-                        aggregation=prof.aggregation, stem=prof.stem, eval_every=prof.eval_every)
+                        aggregation=prof.aggregation, stem=prof.stem)
     if backbone is not None:
         raise InputError(f"the {model} model has no image backbone; got backbone {backbone!r}")
     if model == "mlp":
@@ -346,18 +343,21 @@ def ablation_runs(s: BookSettings) -> list[CVResult]:
     """Every configuration of the ablation: the clinical runs and the Cox baselines once, then
     imaging and multimodal for each backbone of the settings, then the reader runs
     (:func:`reader_runs`)."""
-    return [cv(s, **run) for run in ablation_specs(s)] + reader_runs(s)
+    return [cv(s, **run) for run in ablation_specs(s)] + list(reader_runs(s).values())
 
 
-#: The lesion reader's runs as :func:`cv` keywords (seconds on a CPU: no grid needed for them).
-READER_RUNS = (dict(modality="imaging", model="reader"), dict(modality="multimodal", model="reader"))
+#: The lesion reader's runs by name, as :func:`cv` keywords (seconds on a CPU: no grid needed for them).
+READER_RUNS = {"imaging reader": dict(modality="imaging", model="reader"),
+               "multimodal reader": dict(modality="multimodal", model="reader")}
 
 
-def reader_runs(s: BookSettings) -> list[CVResult]:
-    """The imaging and multimodal reader runs (a Cox model per fold on what the fixed lesion
-    reader of :func:`reader_weights` reads; multimodal adds the clinical columns); none on a real
-    cohort without ``reader_weights``."""
-    return [cv(s, **run) for run in READER_RUNS] if reader_weights(s) is not None else []
+def reader_runs(s: BookSettings) -> dict[str, CVResult]:
+    """The imaging and multimodal reader runs by name (a Cox model per fold on what the fixed
+    lesion reader of :func:`reader_weights` reads; multimodal adds the clinical columns); none on
+    a real cohort without ``reader_weights``."""
+    if reader_weights(s) is None:
+        return {}
+    return {name: cv(s, **run) for name, run in READER_RUNS.items()}
 
 
 def repeat_models(s: BookSettings) -> dict[str, dict]:

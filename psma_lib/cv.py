@@ -151,7 +151,6 @@ class CVConfig:
     stem: str | None = None  # vocabulary.STEMS; None: vocabulary.default_stem of the backbone
     val_fraction: float = 0.2
     patience: int = TrainConfig.patience
-    eval_every: int = TrainConfig.eval_every  # fixed schedule: a learning-curve point every n-th epoch (and the last)
     weights: str | None = None
     freeze_encoder: bool = False  # train the heads only, on the encoder loaded from weights
     num_threads: int | None = None
@@ -227,17 +226,14 @@ class CVConfig:
         if self.freeze_encoder and (self.model != "resnet" or not self.weights):
             raise InputError("freeze_encoder keeps a pretrained image encoder fixed: it needs a resnet model and "
                              "weights (e.g. from psma-pfs pretrain)")
-        if self.eval_every < 1 or (self.eval_every > 1 and self.selection != "last"):
-            raise InputError("eval_every thins the learning curve of the fixed schedule: it needs selection "
-                             "'last' (a validation-based selection evaluates every epoch) and must be >= 1")
         if self.folds < 2 or self.epochs < 1 or self.batch_size < 2 or not 0 < self.val_fraction < 1:
             raise InputError("need folds >= 2, epochs >= 1, batch_size >= 2 and 0 < val_fraction < 1")
 
     def run_defining(self) -> dict:
         """The fields that change results (resume refuses a different run in the same folder).
 
-        ``channels``, ``head``, ``stem``, ``lesion_inputs``, ``freeze_encoder`` and ``eval_every`` are left out at
-        PET and CT, ``mlp``, ``standard``, none, False and 1, what every run made before they existed had, so those runs' records and
+        ``channels``, ``head``, ``stem``, ``lesion_inputs`` and ``freeze_encoder`` are left out at
+        PET and CT, ``mlp``, ``standard``, none and False, what every run made before they existed had, so those runs' records and
         cached folders stay the same run. Pretrained ``weights`` add their file's SHA-256
         (``weights_sha256``): the same path with other weights is another run."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
@@ -251,8 +247,6 @@ class CVConfig:
             del fields["lesion_inputs"]
         if not self.freeze_encoder:
             del fields["freeze_encoder"]
-        if self.eval_every == 1:
-            del fields["eval_every"]
         if self.weights and Path(self.weights).is_file():  # the weights' content, not their path, defines the run
             fields["weights_sha256"] = sha256_file(self.weights)
         return fields
@@ -680,7 +674,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
                                 weight_decay=config.weight_decay, aggregation=aggregation,
                                 unit=config.unit, aux_weight=config.aux_weight if use_aux else 0.0,
                                 selection=config.selection,
-                                patience=config.patience, eval_every=config.eval_every, augment=config.augment,
+                                patience=config.patience, augment=config.augment,
                                 freeze_encoder=config.freeze_encoder,
                                 cuda_graph=config.cuda_graph, compile=config.compile,
                                 channels_last=config.channels_last, progress=config.progress)
@@ -1060,9 +1054,6 @@ def register_cli(subparsers) -> None:
                         f"version 3) (default {d.channels})")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
     p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N",
-                   help="fixed schedule: evaluate the training patients' loss (the learning curve) every N-th "
-                        "epoch and at the last; the weights do not change")
     p.add_argument("--weights", default=None, help="local pretrained backbone weights (.safetensors or .pt)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="keep the encoder loaded from --weights fixed (BatchNorm statistics too): train the heads only")

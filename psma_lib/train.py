@@ -125,7 +125,6 @@ class TrainConfig:
     aux_weight: float = 1.0          # used where the model has an auxiliary head and targets exist
     selection: str = "last"
     patience: int = 10           # early stopping, for the val_* selections only
-    eval_every: int = 1          # selection "last": the training patients' loss every n-th epoch and the last
     augment: bool = True
     freeze_encoder: bool = False  # train the heads only: the image encoder as loaded, BatchNorm statistics included
     bf16: bool = True            # GPU only; CPU stays float32 (deterministic, and not faster there)
@@ -684,10 +683,7 @@ def fit(model: SurvivalModel, train: SurvivalData, val: SurvivalData | None, con
         trainer.set_epoch_lr(epoch)
         losses = [trainer.step(idx) for idx in trainer.epoch_batches()]
         is_best, stop = False, False
-        # a learning-curve point costs a forward pass over the training patients (about a quarter
-        # of an epoch on a CPU); the fixed schedule's weights do not depend on which epochs are evaluated
-        evaluate = config.selection != "last" or epoch % config.eval_every == 0 or epoch == config.epochs - 1
-        if main and evaluate:
+        if main:
             on_train = _evaluate(model, train_eval, config.aggregation, trainer.bf16)
             on_val = _evaluate(model, val, config.aggregation, trainer.bf16) if val is not None else {}
             rows.append({"epoch": epoch, "batch_loss": float(torch.stack(losses).mean()),

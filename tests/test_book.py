@@ -79,7 +79,7 @@ def test_reader_runs_take_the_given_reader_and_refuse_a_real_cohort_without_one(
     assert book.reader_weights(real) is None
     with pytest.raises(InputError, match="reader_weights"):
         book.cv_config(real, "imaging", "reader")
-    assert book.reader_runs(real) == []  # the chapters skip the reader there
+    assert book.reader_runs(real) == {}  # the chapters skip the reader there
     # the synthetic cohort's own reader: pretrained on another draw of the generator, the profile's size
     calls = []
     monkeypatch.setattr(book, "pretrained_encoder", lambda s, **kw: calls.append(kw) or weights)

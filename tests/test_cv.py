@@ -604,10 +604,3 @@ def test_auxiliary_head_has_one_output_per_named_target(tiny_crops, tmp_path):
     state, _, stored = load_checkpoint(result.out_dir / "checkpoints" / "fold0.safetensors")
     assert state["aux_head.weight"].shape[0] == 4 and stored["aux_targets"] == config.aux_targets
 
-
-def test_thinned_learning_curve_only_for_the_fixed_schedule_and_keyed_only_when_thinned():
-    assert "eval_every" not in CVConfig(modality="imaging").run_defining()  # earlier runs keep their keys
-    assert CVConfig(modality="imaging", eval_every=2).run_defining()["eval_every"] == 2
-    for bad in (dict(eval_every=0), dict(eval_every=2, selection="val_loss")):
-        with pytest.raises(InputError, match="eval_every"):
-            CVConfig(modality="imaging", **bad).validate()

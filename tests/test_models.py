@@ -217,22 +217,6 @@ def test_history_losses_are_patient_level_beside_the_null_model():
     assert last["train_null_loss"] > last["val_null_loss"]
 
 
-def test_thinned_learning_curve_keeps_the_same_weights_and_the_last_epoch():
-    """``eval_every``: fewer learning-curve points (every n-th epoch and the last), bit-identical weights."""
-    data = _tiny_data(8, seed=1)
-    results = []
-    for every in (1, 2):
-        torch.manual_seed(0)
-        model = SurvivalModel("imaging", "resnet18")
-        results.append(fit(model, data, None, TrainConfig(epochs=4, batch_size=4, eval_every=every, progress=False),
-                           seed=0))
-    full, thin = results
-    assert full.history["epoch"].tolist() == [0, 1, 2, 3] and thin.history["epoch"].tolist() == [0, 2, 3]
-    assert all(torch.equal(full.state_dict[k], thin.state_dict[k]) for k in full.state_dict)
-    kept = full.history.set_index("epoch").loc[[0, 2, 3], "train_loss"].to_numpy()
-    assert np.array_equal(thin.history["train_loss"].to_numpy(), kept)
-
-
 def test_validation_selection_keeps_the_best_epoch():
     data = _tiny_data(16, seed=1)
     torch.manual_seed(0)

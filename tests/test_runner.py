@@ -81,3 +81,16 @@ def test_htmlcheck_catches_broken_images_and_tracebacks(tmp_path):
     problems = " ".join(results["bad.html"].problems)
     assert "missing.png" in problems and "traceback" in problems
     assert htmlcheck.main([str(tmp_path)]) == 1
+
+
+def test_book_cli_hands_the_lesion_reader_to_every_chapter(tmp_path, monkeypatch):
+    (tmp_path / "reader.safetensors").write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)  # a relative path is the caller's, as for --manifest
+    seen = []
+    monkeypatch.setattr(runner, "execute_chapter", lambda path, out, parameters: seen.append(parameters))
+    parser = argparse.ArgumentParser()
+    runner.register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["book", "--profile", "ci", "--output", "out", "--chapters", "01", "03",
+                              "--reader-weights", "reader.safetensors"])
+    assert args.func(args) == 0
+    assert [p["reader_weights"] for p in seen] == [str(tmp_path / "reader.safetensors")] * 2
