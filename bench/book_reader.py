@@ -42,6 +42,9 @@ from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
 
 READER, MM_READER = book.READER_RUNS  # "imaging reader", "multimodal reader"
+MM_INNER = "multimodal reader, inner-CV clinical penalty"
+#: The thirteenth round's candidate (docs/METHOD.md): the clinical columns' ridge chosen on inner folds.
+CANDIDATES = {MM_INNER: dict(modality="multimodal", model="reader", clinical_penalty="inner")}
 BASELINES = {"lesion count (Cox)": dict(modality="clinical", model="coxph", covariates="count"),
              "clinical (Cox)": dict(modality="clinical", model="coxph"),
              "clinical + biomarkers (Cox)": dict(modality="clinical", model="coxph", covariates="clinical+biomarkers"),
@@ -54,14 +57,16 @@ def evaluate_seed(s: book.BookSettings, networks: bool, n_boot: int) -> dict:
     t0 = time.monotonic()
     weights = book.reader_weights(s)
     pretrain_seconds = time.monotonic() - t0
-    specs = {**book.READER_RUNS, **BASELINES, **(NETWORKS if networks else {})}
+    specs = {**book.READER_RUNS, **CANDIDATES, **BASELINES, **(NETWORKS if networks else {})}
     runs = {name: book.cv(s, **spec) for name, spec in specs.items()}
     folders = {name: run.out_dir for name, run in runs.items()}
     pairs = [(READER, b) for b in ("lesion count (Cox)", "biomarkers + CT density (Cox)")] + \
             [(MM_READER, b) for b in ("lesion count (Cox)", "clinical + biomarkers (Cox)", "biomarkers + CT density (Cox)",
-                                      READER)]
+                                      READER)] + \
+            [(MM_INNER, b) for b in (MM_READER, READER, "clinical + biomarkers (Cox)", "biomarkers + CT density (Cox)")]
     if networks:
-        pairs += [(READER, "imaging ResNet-18 (book)"), (MM_READER, "multimodal ResNet-18 (book)")]
+        pairs += [(READER, "imaging ResNet-18 (book)"), (MM_READER, "multimodal ResNet-18 (book)"),
+                  (MM_INNER, "multimodal ResNet-18 (book)")]
     deltas = comparison.delta_table(folders, pairs, n_boot=n_boot, seed=s.seed)
     oof = runs[READER].oof.reset_index(drop=True)
     lesions = book.crops(s).lesions.astype({"patient_id": str})
@@ -77,6 +82,7 @@ def evaluate_seed(s: book.BookSettings, networks: bool, n_boot: int) -> dict:
     return {"seed": s.seed, "fold_mean": fold_mean, "deltas": deltas.to_dict("records"),
             "truth_recovery": recovered.reset_index().to_dict("records"),
             "necrosis_partial": float(recovered.loc["necrosis | volume, SUVmax", "spearman"]),
+            "inner_penalizers": [str(n) for n in runs[MM_INNER].fold_results["notes"]],
             "reader": {"path": str(weights), "sha256": sha256_file(weights),
                        "seconds_to_get": round(pretrain_seconds, 1),
                        **{k: meta.get(k) for k in ("config", "n_train_lesions", "n_holdout_patients",

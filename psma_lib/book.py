@@ -273,15 +273,16 @@ def reader_weights(s: BookSettings) -> Path | None:
                               epochs=prof.pretrain_epochs, batch_size=prof.pretrain_batch_size)
 
 
-def cv_config(s: BookSettings, modality: str, model: str | None = None,
-              backbone: str | None = None, covariates: str = "clinical", repeat: int = 0) -> CVConfig:
+def cv_config(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None,
+              covariates: str = "clinical", repeat: int = 0, clinical_penalty: str = "fixed") -> CVConfig:
     """The profile's :class:`psma_lib.cv.CVConfig` of one run.
 
     ``model`` None: the modality's default (``resnet`` for images, ``mlp`` for clinical);
     ``reader``: the fixed lesion reader of :func:`reader_weights` and a Cox model on its readings;
     ``backbone`` None: the settings' main backbone (ResNet runs only); ``covariates``: what a
     ``coxph`` baseline is fitted on (clinical, count, biomarkers, clinical+biomarkers, biomarkers+ct);
-    ``repeat`` r > 0: the same run on the folds of seed ``s.seed + r``.
+    ``repeat`` r > 0: the same run on the folds of seed ``s.seed + r``; ``clinical_penalty``: how
+    a multimodal reader penalises its clinical columns (``fixed`` or ``inner``, chosen on inner folds).
     """
     from .cv import CVConfig
 
@@ -290,7 +291,7 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
     prof = PROFILES[s.profile]
     model = model or model_kinds_for(modality)[0]
     common = dict(modality=modality, model=model, folds=s.folds, seed=s.seed + repeat, device=s.device,
-                  n_bootstrap=s.n_bootstrap, progress=s.show_progress)
+                  n_bootstrap=s.n_bootstrap, progress=s.show_progress, clinical_penalty=clinical_penalty)
     if model == "resnet":
         return CVConfig(**common, backbone=backbone or s.main_backbone, epochs=s.epochs,
                         aggregation=prof.aggregation, stem=prof.stem)
@@ -309,9 +310,10 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None,
 
 
 def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None,
-       covariates: str = "clinical", repeat: int = 0) -> CVResult:
+       covariates: str = "clinical", repeat: int = 0, clinical_penalty: str = "fixed") -> CVResult:
     """One cross-validated run (:class:`psma_lib.cv.CVResult`), computed once per configuration."""
-    return pipeline.run_cv(crops(s), s.output_dir, cv_config(s, modality, model, backbone, covariates, repeat))
+    return pipeline.run_cv(crops(s), s.output_dir,
+                           cv_config(s, modality, model, backbone, covariates, repeat, clinical_penalty))
 
 
 # The book's runs as :func:`cv` keywords: the chapters ask for these, ``psma-pfs grid`` trains them.

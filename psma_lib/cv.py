@@ -61,6 +61,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from tqdm.auto import tqdm
 
 from . import distributed
+from .cox import neg_partial_log_likelihood
 from .errors import InputError
 from .evaluation import concordance_index, summarize_cv
 from .io import atomic_dir, atomic_path, json_text, sha256_file, write_csv, write_json, write_once
@@ -83,6 +84,7 @@ from .vocabulary import (
     BACKBONES,
     BACKBONES_3D,
     CLINICAL_COLUMNS,
+    CLINICAL_PENALTIES,
     DEFAULT_AGGREGATION,
     DEFAULT_AUX_TARGETS,
     DEFAULT_BACKBONE,
@@ -105,6 +107,11 @@ if TYPE_CHECKING:  # pretrain imports cv
     from .pretrain import PretrainConfig
 
 COXPH_PENALIZER = 0.01
+#: The clinical columns' ridge penalties an ``inner`` multimodal reader run chooses from (the
+#: objective's scale: negative log partial likelihood per patient; 0.01 is :data:`COXPH_PENALIZER`,
+#: 10 shrinks ten standardised columns to nearly nothing), and its number of inner folds.
+CLINICAL_PENALIZER_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+INNER_FOLDS = 5
 COXPH_COVARIATES = ("clinical", "count", "biomarkers", "clinical+biomarkers", "biomarkers+ct")
 FOLD_RESULT_COLUMNS = ("fold", "n_train_patients", "n_val_patients", "n_test_patients", "n_test_events",
                        "c_index", "c_index_lesion", "best_epoch", "seed", "notes")
@@ -153,6 +160,7 @@ class CVConfig:
     patience: int = TrainConfig.patience
     weights: str | None = None
     freeze_encoder: bool = False  # train the heads only, on the encoder loaded from weights
+    clinical_penalty: str = "fixed"  # multimodal reader: vocabulary.CLINICAL_PENALTIES
     num_threads: int | None = None
     augment: bool = TrainConfig.augment
     cuda_graph: bool = TrainConfig.cuda_graph
@@ -223,6 +231,11 @@ class CVConfig:
         if self.model == "reader" and (not self.weights or self.aggregation == "attention"):
             raise InputError("the reader model scores lesions with the fixed reader in a weights file of psma-pfs "
                              "pretrain: give weights, and a lesion aggregation (not attention)")
+        if self.clinical_penalty not in CLINICAL_PENALTIES:
+            raise InputError(f"unknown clinical_penalty {self.clinical_penalty!r}; choose one of {CLINICAL_PENALTIES}")
+        if self.clinical_penalty != "fixed" and (self.model != "reader" or self.modality != "multimodal"):
+            raise InputError(f"clinical_penalty {self.clinical_penalty!r} is for the multimodal reader model (model "
+                             "reader, modality multimodal): the other models fit no separate clinical weights")
         if self.freeze_encoder and (self.model != "resnet" or not self.weights):
             raise InputError("freeze_encoder keeps a pretrained image encoder fixed: it needs a resnet model and "
                              "weights (e.g. from psma-pfs pretrain)")
@@ -232,8 +245,9 @@ class CVConfig:
     def run_defining(self) -> dict:
         """The fields that change results (resume refuses a different run in the same folder).
 
-        ``channels``, ``head``, ``stem``, ``lesion_inputs`` and ``freeze_encoder`` are left out at
-        PET and CT, ``mlp``, ``standard``, none and False, what every run made before they existed had, so those runs' records and
+        ``channels``, ``head``, ``stem``, ``lesion_inputs``, ``freeze_encoder`` and ``clinical_penalty``
+        are left out at PET and CT, ``mlp``, ``standard``, none, False and ``fixed``, what every run made
+        before they existed had, so those runs' records and
         cached folders stay the same run. Pretrained ``weights`` add their file's SHA-256
         (``weights_sha256``): the same path with other weights is another run."""
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "progress"}
@@ -247,6 +261,8 @@ class CVConfig:
             del fields["lesion_inputs"]
         if not self.freeze_encoder:
             del fields["freeze_encoder"]
+        if self.clinical_penalty == "fixed":
+            del fields["clinical_penalty"]
         if self.weights and Path(self.weights).is_file():  # the weights' content, not their path, defines the run
             fields["weights_sha256"] = sha256_file(self.weights)
         return fields
@@ -552,15 +568,16 @@ def fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
 
 
 def fit_lesion_cox(values: np.ndarray, lesions: pd.DataFrame, patients: pd.DataFrame, train_ids: Sequence[str],
-                   aggregation: str = DEFAULT_AGGREGATION, covariates: np.ndarray | None = None
-                   ) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+                   aggregation: str = DEFAULT_AGGREGATION, covariates: np.ndarray | None = None,
+                   covariate_penalizer: float | None = None) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """(mean, sd, weights) of a Cox model whose lesion log-hazards are linear in ``values``
     ``[L, K]`` (rows of ``lesions``), fitted on the patients ``train_ids`` alone: the values are
     standardised on their lesions (:func:`lesion_scaling`, unknown -> 0) and the weights fitted
     through ``aggregation`` (:func:`psma_lib.train.fit_lesion_linear`, :data:`COXPH_PENALIZER`).
     A lesion's log-hazard is then ``standardise_inputs(values, mean, sd) @ weights``.
     ``covariates`` ``[len(train_ids), J]``: the training patients' own standardised covariates
-    (rows in ``train_ids``' order) beside them; their ``J`` weights follow the ``K`` in ``weights``.
+    (rows in ``train_ids``' order) beside them; their ``J`` weights follow the ``K`` in ``weights``
+    and have the ridge penalty ``covariate_penalizer`` (None: :data:`COXPH_PENALIZER`).
 
     >>> lesions = pd.DataFrame({"patient_id": list("aabbcc")})
     >>> patients = pd.DataFrame({"patient_id": list("abc"), "pfs_months": [1.0, 2.0, 3.0], "event": [1, 1, 0]})
@@ -577,8 +594,72 @@ def fit_lesion_cox(values: np.ndarray, lesions: pd.DataFrame, patients: pd.DataF
                                torch.tensor(lesions.loc[train, "patient_id"].map(row).to_numpy()),
                                torch.tensor(by_id.loc[train_ids, "pfs_months"].to_numpy(float)),
                                torch.tensor(by_id.loc[train_ids, "event"].to_numpy(int)), aggregation, COXPH_PENALIZER,
-                               None if covariates is None else torch.as_tensor(covariates, dtype=torch.float64))
+                               None if covariates is None else torch.as_tensor(covariates, dtype=torch.float64),
+                               covariate_penalizer)
     return mean, sd, weight
+
+
+def lesion_cox_patient_risks(values: np.ndarray, lesions: pd.DataFrame, fit: tuple, ids: Sequence[str],
+                             aggregation: str = DEFAULT_AGGREGATION, covariates: pd.DataFrame | None = None
+                             ) -> pd.Series:
+    """Log-risks of the patients ``ids`` under a :func:`fit_lesion_cox` result ``fit`` = (mean, sd,
+    weights): their lesions' linear terms combined with ``aggregation`` plus, with ``covariates``
+    (rows indexed by patient id), each patient's covariate term.
+
+    >>> lesions = pd.DataFrame({"patient_id": list("aab")})
+    >>> fit = (np.zeros(1), np.ones(1), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    >>> lesion_cox_patient_risks(np.array([[0.0], [0.0], [1.0]]), lesions, fit, ["a", "b"], "sum",
+    ...                          pd.DataFrame({"x": [1.0, 0.0]}, index=["a", "b"])).round(3).tolist()
+    [2.693, 1.0]
+    """
+    mean, sd, weight = fit
+    ids = list(ids)
+    rows = lesions["patient_id"].isin(ids).to_numpy()
+    n_read = values.shape[1]
+    scores = lesions.loc[rows, ["patient_id"]].assign(
+        log_hazard=(standardise_inputs(values[rows], mean, sd).double() @ weight[:n_read]).numpy())
+    risk = aggregate_lesion_risks(scores, aggregation).loc[ids]
+    if covariates is not None:
+        risk = risk + covariates.loc[ids].to_numpy() @ weight[n_read:].numpy()
+    return risk
+
+
+def select_covariate_penalizer(values: np.ndarray, lesions: pd.DataFrame, patients: pd.DataFrame,
+                               train_ids: Sequence[str], covariates: np.ndarray,
+                               aggregation: str = DEFAULT_AGGREGATION, seed: int = 0,
+                               grid: Sequence[float] = CLINICAL_PENALIZER_GRID, n_folds: int = INNER_FOLDS
+                               ) -> pd.Series:
+    """The cross-validated partial log-likelihood of a :func:`fit_lesion_cox` with ``covariates``
+    for each ridge penalty of theirs in ``grid`` (index), from ``n_folds`` event-stratified inner
+    folds of the patients ``train_ids`` alone: Verweij & van Houwelingen's (1993) sum over the
+    inner folds of log PL(all ``train_ids``) - log PL(the fold's training patients), both at the
+    weights fitted without that fold. The best penalty is ``.idxmax()``.
+
+    Args:
+        values: ``[L, K]`` the lesions' inputs (rows of ``lesions``), as for :func:`fit_lesion_cox`.
+        covariates: ``[len(train_ids), J]`` the training patients' standardised covariates.
+        seed: the inner folds' seed (e.g. the outer fold's).
+    """
+    train_ids = list(train_ids)
+    by_id = patients.set_index("patient_id")
+    cov = pd.DataFrame(np.asarray(covariates, dtype=float), index=train_ids)
+    inner = make_folds(by_id.loc[train_ids].reset_index(), n_folds, seed)
+
+    def log_pl(fit: tuple, ids: list[str]) -> float:
+        risk = torch.as_tensor(lesion_cox_patient_risks(values, lesions, fit, ids, aggregation, cov).to_numpy())
+        return -float(neg_partial_log_likelihood(risk, torch.as_tensor(by_id.loc[ids, "pfs_months"].to_numpy(float)),
+                                                 torch.as_tensor(by_id.loc[ids, "event"].to_numpy(int)),
+                                                 reduction="sum"))
+
+    cvpl = {}
+    for penalizer in grid:
+        total = 0.0
+        for k in range(n_folds):
+            fit_ids = sorted(inner.loc[inner["fold"] != k, "patient_id"])
+            fit = fit_lesion_cox(values, lesions, patients, fit_ids, aggregation, cov.loc[fit_ids].to_numpy(), penalizer)
+            total += log_pl(fit, train_ids) - log_pl(fit, fit_ids)
+        cvpl[float(penalizer)] = total
+    return pd.Series(cvpl, name="cv_partial_log_likelihood").rename_axis("penalizer")
 
 
 def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
@@ -622,8 +703,16 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         if config.modality == "multimodal":
             covariates = _coxph_features(pre, by_id.reset_index()).astype(float)
             covariates = pd.DataFrame(covariates, index=by_id.index)
+        penalizer = None
+        if config.clinical_penalty == "inner":  # chosen on inner folds of the training patients alone
+            cvpl = select_covariate_penalizer(readings, lesions, patients, train_ids,
+                                              covariates.loc[train_ids].to_numpy(), config.aggregation, seed)
+            penalizer = float(cvpl.idxmax())
+            tensors["reader.clinical_penalizer"] = torch.tensor(penalizer, dtype=torch.float64)
+            notes.append(f"clinical penalizer {penalizer:g} (inner CV)")
         mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids, config.aggregation,
-                                          None if covariates is None else covariates.loc[train_ids].to_numpy())
+                                          None if covariates is None else covariates.loc[train_ids].to_numpy(),
+                                          penalizer)
         tensors.update({"reader.mean": torch.tensor(mean), "reader.sd": torch.tensor(sd), "reader.weight": weight})
         n_read = readings.shape[1]
         log_hazard = (standardise_inputs(readings, mean, sd).double() @ weight[:n_read]).numpy()
@@ -1057,6 +1146,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--weights", default=None, help="local pretrained backbone weights (.safetensors or .pt)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="keep the encoder loaded from --weights fixed (BatchNorm statistics too): train the heads only")
+    p.add_argument("--clinical-penalty", choices=CLINICAL_PENALTIES, default=d.clinical_penalty,
+                   help="multimodal reader: ridge penalty of the clinical columns, fixed (the Cox baselines') or "
+                        "inner (chosen per fold on inner folds of its training patients; docs/METHOD.md)")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")

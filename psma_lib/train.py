@@ -342,7 +342,8 @@ def predict(model: SurvivalModel, data: SurvivalData, aggregation: str = DEFAULT
 
 def fit_lesion_linear(inputs: torch.Tensor, lesion_patient: torch.Tensor, time: torch.Tensor,
                       event: torch.Tensor, aggregation: str = DEFAULT_AGGREGATION,
-                      penalizer: float = 0.01, patient_inputs: torch.Tensor | None = None) -> torch.Tensor:
+                      penalizer: float = 0.01, patient_inputs: torch.Tensor | None = None,
+                      patient_penalizer: float | None = None) -> torch.Tensor:
     """Weights ``[K]`` (``[K + J]`` with ``patient_inputs``; float64) of a Cox model whose lesion
     log-hazards are linear in ``inputs``.
 
@@ -351,14 +352,18 @@ def fit_lesion_linear(inputs: torch.Tensor, lesion_patient: torch.Tensor, time: 
     clinical covariates: a lesion's log-hazard is then its own term plus its patient's, whose
     aggregate -- sum, mean or max -- adds the patient's term once); the weights ``[w, b]`` minimise the
     Efron negative log partial likelihood over the number of patients plus
-    ``penalizer / 2 * |[w, b]|^2`` -- lifelines' ``CoxPHFitter(penalizer=...)`` objective, which it
-    equals for one lesion per patient (tests/test_cox.py compares them). L-BFGS from 0, in float64.
+    ``penalizer / 2 * |w|^2 + patient_penalizer / 2 * |b|^2`` (``patient_penalizer`` None: the same
+    ``penalizer``) -- lifelines' ``CoxPHFitter(penalizer=...)`` objective with a penalizer per column,
+    which it equals for one lesion per patient (tests/test_cox.py compares them). L-BFGS from 0, in
+    float64.
 
     Args:
         inputs: ``[L, K]`` standardised measured quantities of the lesions.
         lesion_patient: ``[L]`` int64 patient row of each lesion in ``0..P-1``.
         time, event: ``[P]`` the patients' times and 0/1 events.
         patient_inputs: ``[P, J]`` standardised patient-level covariates, or None.
+        patient_penalizer: the ridge penalty of their weights ``b`` (e.g. chosen on inner folds,
+            :func:`psma_lib.cv.select_patient_penalizer`).
 
     >>> z = torch.tensor([[1.0], [0.0], [-1.0], [0.5]])
     >>> w = fit_lesion_linear(z, torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, 1, 1, 0]))
@@ -379,13 +384,15 @@ def fit_lesion_linear(inputs: torch.Tensor, lesion_patient: torch.Tensor, time: 
     w = torch.zeros(k + (0 if x is None else x.shape[1]), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([w], lr=1.0, max_iter=200, tolerance_grad=1e-10, tolerance_change=1e-14,
                                   line_search_fn="strong_wolfe")
+    ridge = torch.full_like(w, penalizer)
+    ridge[k:] = penalizer if patient_penalizer is None else patient_penalizer
 
     def objective():
         optimizer.zero_grad()
         risk = segment_aggregate(z @ w[:k], bags, n, aggregation)
         if x is not None:
             risk = risk + x @ w[k:]
-        loss = neg_partial_log_likelihood(risk, time, event, reduction="sum") / n + penalizer / 2 * (w * w).sum()
+        loss = neg_partial_log_likelihood(risk, time, event, reduction="sum") / n + (ridge * w * w).sum() / 2
         loss.backward()
         return loss
 

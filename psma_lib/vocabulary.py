@@ -96,6 +96,12 @@ DEFAULT_AUX_TARGETS = "log_suvmax,log_volume,log_suvmean_ratio,bone"
 RISK_HEADS = ("mlp", "concepts")
 DEFAULT_RISK_HEAD = "mlp"
 
+#: How a multimodal reader run (``--model reader``) penalises its clinical columns' weights:
+#: ``fixed`` (the Cox baselines' ridge penalty) or ``inner`` (chosen per outer fold from a grid by
+#: the cross-validated partial likelihood of inner folds of the training patients;
+#: docs/METHOD.md, thirteenth round).
+CLINICAL_PENALTIES = ("fixed", "inner")
+
 #: The 2D ResNet's stem: ``standard`` (torchvision's stride-2 convolution and stride-2 max-pool, so
 #: the first residual stage sees a quarter of the input resolution: 6 x 6 for 24 x 24 planes) or
 #: ``no-maxpool`` (the max-pool removed: half the resolution, 12 x 12, about the PET's own 4 mm

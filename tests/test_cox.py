@@ -338,3 +338,24 @@ def test_lesion_linear_fit_with_patient_covariates_matches_penalised_lifelines_o
     np.testing.assert_allclose(two.numpy(), expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="rows"):
         fit_lesion_linear(inputs, torch.arange(n), time, event, "sum", 0.01, patient_inputs=covariates[:-1])
+
+
+def test_patient_penalizer_matches_lifelines_with_a_penalizer_per_column_on_rossi(rossi):
+    """A heavier ridge on the patient covariates alone is lifelines' per-column ``penalizer``; the
+    heavy penalty shrinks their weights, not the lesion inputs' (which it changes only through them)."""
+    from psma_lib.train import fit_lesion_linear
+
+    x = rossi[ROSSI_COVARIATES]
+    z = (x - x.mean()) / x.std(ddof=0)
+    lesion_cols, patient_cols = ROSSI_COVARIATES[:3], ROSSI_COVARIATES[3:]
+    penalties = np.array([0.01] * len(lesion_cols) + [0.7] * len(patient_cols))
+    frame = z[[*lesion_cols, *patient_cols]].assign(week=rossi["week"], arrest=rossi["arrest"])
+    cph = CoxPHFitter(penalizer=penalties).fit(frame, "week", "arrest")
+    inputs = torch.tensor(z[lesion_cols].to_numpy())
+    covariates = torch.tensor(z[patient_cols].to_numpy())
+    time, event = torch.tensor(rossi["week"].to_numpy(), dtype=torch.float64), torch.tensor(rossi["arrest"].to_numpy())
+    w = fit_lesion_linear(inputs, torch.arange(len(rossi)), time, event, "sum", 0.01, patient_inputs=covariates,
+                          patient_penalizer=0.7)
+    np.testing.assert_allclose(w.numpy(), cph.params_[[*lesion_cols, *patient_cols]].to_numpy(), atol=5e-4, rtol=0)
+    same = fit_lesion_linear(inputs, torch.arange(len(rossi)), time, event, "sum", 0.01, patient_inputs=covariates)
+    assert np.abs(w[3:]).sum() < 0.5 * np.abs(same[3:]).sum()

@@ -19,8 +19,10 @@ from psma_lib.cv import (
     CVConfig,
     _coxph_features,
     fit_lesion_cox,
+    fold_seed,
     lesion_scaling,
     make_model,
+    select_covariate_penalizer,
     standardise_inputs,
 )
 from psma_lib.errors import InputError
@@ -179,13 +181,13 @@ def test_frozen_encoder_stays_as_loaded_while_the_heads_train(tiny_crops, tmp_pa
         CVConfig(modality="imaging", freeze_encoder=True).validate()
 
 
-def _reader_run(crops_dir, tmp_path, modality: str):
-    """A 3-fold reader run of ``modality`` on ``crops_dir`` with a freshly pretrained reader:
-    (run, its config, lesions, patients, the reader's readings of the lesions, the run's folds)."""
+def _reader_run(crops_dir, tmp_path, modality: str, **options):
+    """A 3-fold reader run of ``modality`` (and ``options``) on ``crops_dir`` with a freshly pretrained
+    reader: (run, its config, lesions, patients, the reader's readings of the lesions, the run's folds)."""
     weights = tmp_path / "enc.safetensors"
     pretrain_encoder(crops_dir, weights, PretrainConfig(**FAST))
     config = CVConfig(modality=modality, model="reader", weights=str(weights), folds=3, seed=4, progress=False,
-                      device="cpu", num_threads=1, n_bootstrap=20)
+                      device="cpu", num_threads=1, n_bootstrap=20, **options)
     run = pipeline.run_cv(load_crops(crops_dir), tmp_path, config)
     assert run.out_dir.name.startswith(f"{modality}-reader-")
     crops = load_crops(crops_dir)
@@ -247,3 +249,71 @@ def test_multimodal_reader_run_adds_the_training_folds_clinical_cox_terms_to_the
         risk = pd.Series(expected).groupby(lesions.loc[test, "patient_id"].to_numpy()).apply(
             lambda h: np.log(np.exp(h).sum()))
         assert np.allclose(oof.loc[risk.index, "risk"], risk, atol=1e-6)
+
+
+def test_multimodal_reader_with_inner_penalty_fits_with_the_penalty_its_training_patients_choose(tiny_crops, tmp_path):
+    """``--clinical-penalty inner``: each fold's clinical ridge penalty is the inner-CV choice on its
+    training patients (stored and noted), and the fold's weights are the fit with that penalty."""
+    run, config, lesions, patients, readings, folds = _reader_run(tiny_crops, tmp_path, "multimodal",
+                                                                  clinical_penalty="inner")
+    assert config.run_defining()["clinical_penalty"] == "inner"
+    assert "clinical_penalty" not in dataclasses.replace(config, clinical_penalty="fixed").run_defining()
+    by_id = patients.set_index("patient_id")
+    fold_results = pd.read_csv(run.out_dir / "fold_results.csv")
+    for k in range(3):
+        train_ids = sorted(folds.loc[folds["fold"] != k, "patient_id"])
+        pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
+        clinical = _coxph_features(pre, by_id.loc[train_ids].reset_index())
+        cvpl = select_covariate_penalizer(readings, lesions, patients, train_ids, clinical, seed=fold_seed(config.seed, k))
+        stored = load_file(str(run.out_dir / "checkpoints" / f"fold{k}.safetensors"))
+        assert float(stored["reader.clinical_penalizer"]) == cvpl.idxmax()
+        assert f"clinical penalizer {cvpl.idxmax():g}" in fold_results.loc[k, "notes"]
+        _, _, weight = fit_lesion_cox(readings, lesions, patients, train_ids, covariates=clinical,
+                                      covariate_penalizer=cvpl.idxmax())
+        assert torch.allclose(stored["reader.weight"], weight)
+    with pytest.raises(InputError, match="multimodal reader"):
+        CVConfig(modality="imaging", model="reader", weights="w.safetensors", clinical_penalty="inner").validate()
+
+
+def _two_level_cohort(n: int, clinical_effect: float, seed: int):
+    """``n`` patients with 1-4 lesions: the lesions' first input and, with weight ``clinical_effect``,
+    the first of ten patient covariates set the hazard (the other nine are noise)."""
+    rng = np.random.default_rng(seed)
+    ids = [f"p{i:03d}" for i in range(n)]
+    lesions = pd.DataFrame({"patient_id": np.repeat(ids, rng.integers(1, 5, n))})
+    values = rng.normal(size=(len(lesions), 2))
+    covariates = rng.normal(size=(n, 10))
+    lesion_term = pd.Series(values[:, 0] * 0.8).groupby(lesions["patient_id"].to_numpy()).apply(
+        lambda h: np.log(np.exp(h).sum())).loc[ids].to_numpy()
+    time = rng.exponential(np.exp(-(lesion_term + clinical_effect * covariates[:, 0])))
+    censor = rng.exponential(2.0 * np.median(time), n)
+    patients = pd.DataFrame({"patient_id": ids, "pfs_months": np.minimum(time, censor),
+                             "event": (time <= censor).astype(int)})
+    return values, lesions, patients, covariates
+
+
+@pytest.mark.parametrize("clinical_effect, chosen", [(0.0, lambda p: p >= 1.0), (1.5, lambda p: p <= 0.1)])
+def test_inner_cv_shrinks_noise_covariates_and_keeps_a_strong_one(clinical_effect, chosen):
+    """The cross-validated partial likelihood picks a heavy ridge for ten noise covariates and a
+    light one when one of them carries a strong effect (a penalty chosen by the training patients'
+    own likelihood would always be the lightest)."""
+    values, lesions, patients, covariates = _two_level_cohort(160, clinical_effect, seed=3)
+    cvpl = select_covariate_penalizer(values, lesions, patients, patients["patient_id"], covariates, "sum", seed=1)
+    assert list(cvpl.index) == [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0]
+    assert chosen(cvpl.idxmax()), cvpl
+
+
+def test_inner_cv_penalty_reads_the_training_patients_alone():
+    """Other patients' outcomes and inputs change nothing: the inner folds are drawn from the
+    training patients and the likelihoods are theirs."""
+    values, lesions, patients, covariates = _two_level_cohort(120, 0.5, seed=5)
+    train_ids = list(patients["patient_id"][:90])
+    cvpl = select_covariate_penalizer(values, lesions, patients, train_ids, covariates[:90], "sum", seed=2)
+    others = ~patients["patient_id"].isin(train_ids)
+    changed = patients.copy()
+    changed.loc[others, "pfs_months"] = changed.loc[others, "pfs_months"][::-1].to_numpy() * 3.0
+    changed.loc[others, "event"] = 1 - changed.loc[others, "event"]
+    moved = values.copy()
+    moved[~lesions["patient_id"].isin(train_ids).to_numpy()] += 5.0
+    again = select_covariate_penalizer(moved, lesions, changed, train_ids, covariates[:90], "sum", seed=2)
+    pd.testing.assert_series_equal(cvpl, again)
