@@ -1,4 +1,4 @@
-"""The book's lesion reader on draws of the default generator (docs/METHOD.md, twelfth round).
+"""The book's lesion reader on draws of the default generator (docs/METHOD.md, twelfth and thirteenth rounds).
 
 For each cohort seed S, with the quick (or any) profile's cohort, crops and folds:
 
@@ -6,10 +6,12 @@ For each cohort seed S, with the quick (or any) profile's cohort, crops and fold
   outcomes on another draw of the generator, S + 1000, with the profile's ``pretrain_patients``
   and ``pretrain_epochs``), or the one in ``--weights``;
 * ``psma-pfs cv --model reader``, imaging (a Cox model on its five readings of each lesion,
-  summed as hazards) and multimodal (the same with the clinical columns beside them), as the
-  chapters run them;
+  summed as hazards) and multimodal (the same with the clinical columns beside them, their ridge
+  penalty chosen on inner folds), as the chapters run them, and the twelfth round's multimodal
+  reader (the clinical columns with the Cox baselines' fixed penalty);
 * beside the Cox baselines of the book (lesion count, clinical, clinical + biomarkers, biomarkers +
-  CT density), noise lesion outputs through the same ``sum`` (200 draws) and the oracle; and,
+  CT density), noise lesion outputs through the same ``sum`` (200 draws) and the oracle (and the
+  true imaging part alone); and,
   with ``--networks``, the book's imaging and multimodal ResNet-18 (trained here if not cached:
   about 5 minutes per seed on 2 CPU cores).
 
@@ -42,9 +44,10 @@ from psma_lib.repro import provenance
 from psma_lib.synthetic import load_lesion_truth, load_truth
 
 READER, MM_READER = book.READER_RUNS  # "imaging reader", "multimodal reader"
-MM_INNER = "multimodal reader, inner-CV clinical penalty"
-#: The thirteenth round's candidate (docs/METHOD.md): the clinical columns' ridge chosen on inner folds.
-CANDIDATES = {MM_INNER: dict(modality="multimodal", model="reader", clinical_penalty="inner")}
+MM_FIXED = "multimodal reader, fixed clinical penalty"
+#: The twelfth round's multimodal reader, which the book's replaced (docs/METHOD.md, thirteenth round:
+#: the clinical columns' ridge penalty chosen on inner folds instead of the Cox baselines' fixed one).
+SUPERSEDED = {MM_FIXED: dict(modality="multimodal", model="reader")}
 BASELINES = {"lesion count (Cox)": dict(modality="clinical", model="coxph", covariates="count"),
              "clinical (Cox)": dict(modality="clinical", model="coxph"),
              "clinical + biomarkers (Cox)": dict(modality="clinical", model="coxph", covariates="clinical+biomarkers"),
@@ -57,16 +60,16 @@ def evaluate_seed(s: book.BookSettings, networks: bool, n_boot: int) -> dict:
     t0 = time.monotonic()
     weights = book.reader_weights(s)
     pretrain_seconds = time.monotonic() - t0
-    specs = {**book.READER_RUNS, **CANDIDATES, **BASELINES, **(NETWORKS if networks else {})}
+    specs = {**book.READER_RUNS, **SUPERSEDED, **BASELINES, **(NETWORKS if networks else {})}
     runs = {name: book.cv(s, **spec) for name, spec in specs.items()}
     folders = {name: run.out_dir for name, run in runs.items()}
     pairs = [(READER, b) for b in ("lesion count (Cox)", "biomarkers + CT density (Cox)")] + \
             [(MM_READER, b) for b in ("lesion count (Cox)", "clinical + biomarkers (Cox)", "biomarkers + CT density (Cox)",
                                       READER)] + \
-            [(MM_INNER, b) for b in (MM_READER, READER, "clinical + biomarkers (Cox)", "biomarkers + CT density (Cox)")]
+            [(MM_READER, MM_FIXED)]
     if networks:
         pairs += [(READER, "imaging ResNet-18 (book)"), (MM_READER, "multimodal ResNet-18 (book)"),
-                  (MM_INNER, "multimodal ResNet-18 (book)")]
+                  (MM_FIXED, "multimodal ResNet-18 (book)")]
     deltas = comparison.delta_table(folders, pairs, n_boot=n_boot, seed=s.seed)
     oof = runs[READER].oof.reset_index(drop=True)
     lesions = book.crops(s).lesions.astype({"patient_id": str})
@@ -77,12 +80,14 @@ def evaluate_seed(s: book.BookSettings, networks: bool, n_boot: int) -> dict:
                                n_boot=1000, seed=s.seed)
     meta = read_pretrained_meta(weights)
     fold_mean = {name: run.summary["fold_mean"] for name, run in runs.items()}
+    imaging_oracle = oracle_c_index(load_truth(book.cohort(s).root), oof[["patient_id", "pfs_months", "event"]],
+                                    oof[["patient_id", "fold"]], n_boot=1, part="imaging_part")
     fold_mean.update({"noise (sum): mean of 200": noise["mean"], "noise (sum): 95th pct": noise["p95"],
-                      "oracle": oracle["fold_mean"]})
+                      "oracle": oracle["fold_mean"], "oracle, imaging part": imaging_oracle["fold_mean"]})
     return {"seed": s.seed, "fold_mean": fold_mean, "deltas": deltas.to_dict("records"),
             "truth_recovery": recovered.reset_index().to_dict("records"),
             "necrosis_partial": float(recovered.loc["necrosis | volume, SUVmax", "spearman"]),
-            "inner_penalizers": [str(n) for n in runs[MM_INNER].fold_results["notes"]],
+            "inner_penalizers": [str(n) for n in runs[MM_READER].fold_results["notes"]],
             "reader": {"path": str(weights), "sha256": sha256_file(weights),
                        "seconds_to_get": round(pretrain_seconds, 1),
                        **{k: meta.get(k) for k in ("config", "n_train_lesions", "n_holdout_patients",

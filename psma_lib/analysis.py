@@ -77,20 +77,29 @@ def clinical_hazard_ratios(patients: pd.DataFrame) -> pd.DataFrame:
     return hr
 
 
+#: The parts of a synthetic cohort's true log-hazard (``truth.csv`` columns) an oracle can rank by.
+ORACLE_PARTS = {"linear_predictor": "imaging and clinical parts (the oracle)",
+                "imaging_part": "imaging part alone (lesions' true properties)",
+                "clinical_part": "clinical part alone"}
+
+
 def oracle_c_index(truth: pd.DataFrame, patients: pd.DataFrame, folds: pd.DataFrame | None = None,
-                   n_boot: int = 1000, seed: int = 0) -> dict:
+                   n_boot: int = 1000, seed: int = 0, part: str = "linear_predictor") -> dict:
     """C-index of a synthetic cohort's true linear predictor: the ceiling a model can reach.
 
     ``truth``: ``psma_lib.synthetic.load_truth``; ``patients``: ``patient_id, pfs_months, event``.
     Returns :func:`psma_lib.evaluation.summarize_cv`'s summary: pooled over patients with its
     bootstrap CI (``pooled, pooled_lo, pooled_hi``) and, when ``folds`` (``patient_id, fold``) is
     given, each fold's C (``fold_c_index``) and their range on the same folds as the models.
+    ``part`` (:data:`ORACLE_PARTS`): rank by the imaging or the clinical part of it alone instead,
+    the ceiling of a model that sees only that side of the generator.
     """
-    df = patients.merge(truth[["patient_id", "linear_predictor"]].astype({"patient_id": str}),
-                        on="patient_id")
+    if part not in ORACLE_PARTS:
+        raise ValueError(f"unknown part {part!r}; choose one of {list(ORACLE_PARTS)}")
+    df = patients.merge(truth[["patient_id", part]].astype({"patient_id": str}), on="patient_id")
     if folds is None:
         folds = pd.DataFrame({"patient_id": df["patient_id"], "fold": 0})
-    df = df.merge(folds, on="patient_id").rename(columns={"linear_predictor": "risk"})
+    df = df.merge(folds, on="patient_id").rename(columns={part: "risk"})
     return summarize_cv(df[list(OOF_COLUMNS)], n_boot=n_boot, seed=seed)
 
 

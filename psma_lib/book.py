@@ -349,8 +349,9 @@ def ablation_runs(s: BookSettings) -> list[CVResult]:
 
 
 #: The lesion reader's runs by name, as :func:`cv` keywords (seconds on a CPU: no grid needed for them).
+#: The multimodal reader's clinical penalty is chosen on inner folds (docs/METHOD.md, thirteenth round).
 READER_RUNS = {"imaging reader": dict(modality="imaging", model="reader"),
-               "multimodal reader": dict(modality="multimodal", model="reader")}
+               "multimodal reader": dict(modality="multimodal", model="reader", clinical_penalty="inner")}
 
 
 def reader_runs(s: BookSettings) -> dict[str, CVResult]:

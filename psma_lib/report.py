@@ -346,13 +346,15 @@ def fold_table(run) -> pd.DataFrame:
     })
 
 
-def oracle_table(oracle: dict) -> pd.DataFrame:
-    """One-row display of the oracle's summary: fold range, mean ± sd, pooled C (95 % CI)."""
+def oracle_table(oracles: dict[str, dict]) -> pd.DataFrame:
+    """One row per oracle summary (:func:`psma_lib.analysis.oracle_c_index`) by its name: fold
+    range, mean ± sd, pooled C (95 % CI)."""
     return pd.DataFrame([{
+        "Ranked by the true": name,
         "Fold range (min–max)": fmt_range(oracle["fold_min"], oracle["fold_max"]),
         "Mean ± sd over folds": fmt_mean_sd(oracle["fold_mean"], oracle["fold_sd"]),
         "Pooled C-index (95 % CI)": fmt_ci(oracle["pooled"], oracle["pooled_lo"], oracle["pooled_hi"]),
-    }])
+    } for name, oracle in oracles.items()])
 
 
 def hr_table(hr: pd.DataFrame) -> pd.DataFrame:

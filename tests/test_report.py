@@ -125,6 +125,25 @@ def test_oracle_pooled_c_index_does_not_depend_on_the_folds():
     assert (one["n_folds"], two["n_folds"]) == (1, 2)
 
 
+def test_oracle_of_each_part_ranks_by_that_part_alone():
+    """The imaging and clinical parts' oracles are the C-indices of those truth columns (compared
+    with lifelines' concordance_index on the same patients), and the table has a row per part."""
+    from lifelines.utils import concordance_index as lifelines_c
+
+    patients = tiny_patients()
+    truth = pd.DataFrame({"patient_id": patients["patient_id"], "linear_predictor": [1.0, 2, 0, -1, 0.5, -2],
+                          "imaging_part": [2.0, -1, 0.5, 0, 1, 3], "clinical_part": [0.1, 0.3, -0.2, 0.0, 0.4, -0.1]})
+    oracles = {analysis.ORACLE_PARTS[p]: analysis.oracle_c_index(truth, patients, n_boot=20, part=p)
+               for p in analysis.ORACLE_PARTS}
+    for part, name in analysis.ORACLE_PARTS.items():
+        expected = lifelines_c(patients["pfs_months"], -truth[part], patients["event"])
+        assert oracles[name]["pooled"] == pytest.approx(expected)
+    assert len({o["pooled"] for o in oracles.values()}) == 3
+    assert list(report.oracle_table(oracles)["Ranked by the true"]) == list(analysis.ORACLE_PARTS.values())
+    with pytest.raises(ValueError, match="part"):
+        analysis.oracle_c_index(truth, patients, part="frailty")
+
+
 def test_html_table_has_a_caption_and_no_index():
     html = report.html_table(pd.DataFrame({"a": [1], "b": ["x"]}), caption="Cap").to_html()
     assert "<table" in html and "Cap" in html and "psma-table" in html
