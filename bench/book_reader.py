@@ -47,7 +47,7 @@ READER, MM_READER = book.READER_RUNS  # "imaging reader", "multimodal reader"
 MM_FIXED = "multimodal reader, fixed clinical penalty"
 #: The twelfth round's multimodal reader, which the book's replaced (docs/METHOD.md, thirteenth round:
 #: the clinical columns' ridge penalty chosen on inner folds instead of the Cox baselines' fixed one).
-SUPERSEDED = {MM_FIXED: dict(modality="multimodal", model="reader")}
+SUPERSEDED = {MM_FIXED: dict(modality="multimodal", model="reader", clinical_penalty="fixed")}
 BASELINES = {"lesion count (Cox)": dict(modality="clinical", model="coxph", covariates="count"),
              "clinical (Cox)": dict(modality="clinical", model="coxph"),
              "clinical + biomarkers (Cox)": dict(modality="clinical", model="coxph", covariates="clinical+biomarkers"),

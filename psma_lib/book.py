@@ -274,7 +274,7 @@ def reader_weights(s: BookSettings) -> Path | None:
 
 
 def cv_config(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None,
-              covariates: str = "clinical", repeat: int = 0, clinical_penalty: str = "fixed") -> CVConfig:
+              covariates: str = "clinical", repeat: int = 0, clinical_penalty: str | None = None) -> CVConfig:
     """The profile's :class:`psma_lib.cv.CVConfig` of one run.
 
     ``model`` None: the modality's default (``resnet`` for images, ``mlp`` for clinical);
@@ -282,7 +282,8 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None, backbone
     ``backbone`` None: the settings' main backbone (ResNet runs only); ``covariates``: what a
     ``coxph`` baseline is fitted on (clinical, count, biomarkers, clinical+biomarkers, biomarkers+ct);
     ``repeat`` r > 0: the same run on the folds of seed ``s.seed + r``; ``clinical_penalty``: how
-    a multimodal reader penalises its clinical columns (``fixed`` or ``inner``, chosen on inner folds).
+    a multimodal reader penalises its clinical columns (``fixed``, or ``inner``: chosen on inner folds;
+    None: :class:`~psma_lib.cv.CVConfig`'s default, ``inner`` for it).
     """
     from .cv import CVConfig
 
@@ -310,7 +311,7 @@ def cv_config(s: BookSettings, modality: str, model: str | None = None, backbone
 
 
 def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str | None = None,
-       covariates: str = "clinical", repeat: int = 0, clinical_penalty: str = "fixed") -> CVResult:
+       covariates: str = "clinical", repeat: int = 0, clinical_penalty: str | None = None) -> CVResult:
     """One cross-validated run (:class:`psma_lib.cv.CVResult`), computed once per configuration."""
     return pipeline.run_cv(crops(s), s.output_dir,
                            cv_config(s, modality, model, backbone, covariates, repeat, clinical_penalty))

@@ -31,9 +31,12 @@ measured quantities from its pixels; in each fold a Cox model whose lesion log-h
 in those readings, standardised on the training fold's lesions, is fitted on the training patients
 through the run's aggregation (:func:`fit_lesion_cox`); multimodal adds the patient's clinical
 columns (as the ``coxph`` baseline sees them: imputed and standardised on the training fold) to
-every lesion's log-hazard, fitted jointly. Nothing is trained by stochastic gradient; the scaling
-and weights are the fold's checkpoint (``reader.mean``, ``reader.sd``, ``reader.weight``: the
-readings' weights, then the clinical columns'). docs/METHOD.md, eleventh and twelfth rounds.
+every lesion's log-hazard, fitted jointly, with their ridge penalty chosen on inner folds of the
+training patients (``clinical_penalty`` ``inner``, the default; :func:`select_covariate_penalizer`)
+or the baselines' fixed one. Nothing is trained by stochastic gradient; the scaling and weights are
+the fold's checkpoint (``reader.mean``, ``reader.sd``, ``reader.weight``: the readings' weights,
+then the clinical columns'; ``reader.clinical_penalizer``). docs/METHOD.md, eleventh to thirteenth
+rounds.
 
 Each run's summary (fold range, mean +- sd and the pooled out-of-fold C-index with its bootstrap
 CI) is computed once, by :func:`psma_lib.evaluation.summarize_cv`, and stored in
@@ -133,6 +136,8 @@ class CVConfig:
 
     >>> CVConfig(modality="clinical").name, CVConfig(modality="imaging").name
     ('clinical-mlp', 'imaging-resnet18')
+    >>> CVConfig(modality="multimodal", model="reader", weights="r.safetensors").clinical_penalty
+    'inner'
     """
 
     modality: str = "multimodal"
@@ -160,7 +165,7 @@ class CVConfig:
     patience: int = TrainConfig.patience
     weights: str | None = None
     freeze_encoder: bool = False  # train the heads only, on the encoder loaded from weights
-    clinical_penalty: str = "fixed"  # multimodal reader: vocabulary.CLINICAL_PENALTIES
+    clinical_penalty: str | None = None  # vocabulary.CLINICAL_PENALTIES; None: inner for the multimodal reader
     num_threads: int | None = None
     augment: bool = TrainConfig.augment
     cuda_graph: bool = TrainConfig.cuda_graph
@@ -176,6 +181,8 @@ class CVConfig:
             self.backbone = DEFAULT_BACKBONE
         if self.stem is None:
             self.stem = default_stem(self.backbone if self.model == "resnet" else None)
+        if self.clinical_penalty is None:
+            self.clinical_penalty = "inner" if (self.model, self.modality) == ("reader", "multimodal") else "fixed"
 
     @property
     def name(self) -> str:
@@ -643,7 +650,10 @@ def select_covariate_penalizer(values: np.ndarray, lesions: pd.DataFrame, patien
     train_ids = list(train_ids)
     by_id = patients.set_index("patient_id")
     cov = pd.DataFrame(np.asarray(covariates, dtype=float), index=train_ids)
-    inner = make_folds(by_id.loc[train_ids].reset_index(), n_folds, seed)
+    try:
+        inner = make_folds(by_id.loc[train_ids].reset_index(), n_folds, seed)
+    except InputError as err:
+        raise InputError(f"choosing the clinical penalty on inner folds of the training patients: {err}") from err
 
     def log_pl(fit: tuple, ids: list[str]) -> float:
         risk = torch.as_tensor(lesion_cox_patient_risks(values, lesions, fit, ids, aggregation, cov).to_numpy())
@@ -1005,14 +1015,17 @@ def config_from_record(record: dict) -> CVConfig:
 
 
 def _stored_fields(fields: dict) -> dict:
-    """A stored configuration's fields, with the stem it was run with where it names none: a
-    record leaves ``stem`` out at ``standard`` (:meth:`CVConfig.run_defining`), as every run made
-    before the stem could be chosen did, so a missing stem is ``standard``, not today's default.
+    """A stored configuration's fields, with the stem and clinical penalty it was run with where it
+    names none: a record leaves ``stem`` out at ``standard`` and ``clinical_penalty`` at ``fixed``
+    (:meth:`CVConfig.run_defining`), as every run made before they could be chosen did, so a missing
+    one is that, not today's default.
 
-    >>> _stored_fields({"modality": "imaging"})["stem"]
-    'standard'
+    >>> fields = _stored_fields({"modality": "multimodal", "model": "reader"})
+    >>> fields["stem"], fields["clinical_penalty"]
+    ('standard', 'fixed')
     """
-    return {"stem": "standard", **{k: v for k, v in fields.items() if k != "weights_sha256"}}
+    return {"stem": "standard", "clinical_penalty": "fixed",
+            **{k: v for k, v in fields.items() if k != "weights_sha256"}}
 
 
 def collect(out_dir: str | Path, config: CVConfig | None = None) -> CVResult:
@@ -1146,9 +1159,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--weights", default=None, help="local pretrained backbone weights (.safetensors or .pt)")
     p.add_argument("--freeze-encoder", action="store_true",
                    help="keep the encoder loaded from --weights fixed (BatchNorm statistics too): train the heads only")
-    p.add_argument("--clinical-penalty", choices=CLINICAL_PENALTIES, default=d.clinical_penalty,
-                   help="multimodal reader: ridge penalty of the clinical columns, fixed (the Cox baselines') or "
-                        "inner (chosen per fold on inner folds of its training patients; docs/METHOD.md)")
+    p.add_argument("--clinical-penalty", choices=CLINICAL_PENALTIES, default=None,
+                   help="multimodal reader: ridge penalty of the clinical columns, inner (chosen per fold on inner "
+                        "folds of its training patients; the default, docs/METHOD.md thirteenth round) or fixed "
+                        "(the Cox baselines')")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")

@@ -225,7 +225,7 @@ def test_multimodal_reader_run_adds_the_training_folds_clinical_cox_terms_to_the
     readings and the clinical columns (imputed and standardised on the training fold, as the coxph
     baseline sees them); a lesion's log-hazard is its readings' term plus its patient's clinical
     term, and the patient's risk their aggregate."""
-    run, _, lesions, patients, readings, folds = _reader_run(tiny_crops, tmp_path, "multimodal")
+    run, _, lesions, patients, readings, folds = _reader_run(tiny_crops, tmp_path, "multimodal", clinical_penalty="fixed")
     by_id = patients.set_index("patient_id")
     oof_lesions = run.oof_lesions.set_index("lesion_id")
     oof = run.oof.set_index("patient_id")
@@ -317,3 +317,5 @@ def test_inner_cv_penalty_reads_the_training_patients_alone():
     moved[~lesions["patient_id"].isin(train_ids).to_numpy()] += 5.0
     again = select_covariate_penalizer(moved, lesions, changed, train_ids, covariates[:90], "sum", seed=2)
     pd.testing.assert_series_equal(cvpl, again)
+    with pytest.raises(InputError, match="inner folds of the training patients: 8 patients"):
+        select_covariate_penalizer(values, lesions, patients, train_ids[:8], covariates[:8], "sum")
