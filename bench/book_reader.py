@@ -41,7 +41,7 @@ from psma_lib.analysis import oracle_c_index
 from psma_lib.biomarkers import biomarker_features, patient_biomarkers
 from psma_lib.cv import (
     ClinicalPreprocessor,
-    _coxph_features,
+    clinical_cox_features,
     fit_lesion_cox,
     fold_seed,
     lesion_cox_patient_risks,
@@ -87,7 +87,7 @@ def clinical_biomarker_risks(s: book.BookSettings, folds: pd.DataFrame, penalty:
         train_ids = sorted(folds.loc[folds["fold"] != k, "patient_id"])
         test_ids = sorted(folds.loc[folds["fold"] == k, "patient_id"])
         pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
-        clinical = pd.DataFrame(_coxph_features(pre, by_id.reset_index()), index=by_id.index)
+        clinical = pd.DataFrame(clinical_cox_features(pre, by_id.reset_index()), index=by_id.index)
         penalizer = None
         if penalty == "inner":
             penalizer = float(select_covariate_penalizer(values, bags, patients, train_ids, clinical.loc[train_ids].to_numpy(),

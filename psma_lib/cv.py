@@ -354,7 +354,9 @@ def check_folds(folds: pd.DataFrame, lesions: pd.DataFrame | None) -> None:
             raise AssertionError("a patient's lesions are split across folds or unassigned")
 
 
-def _load_crops(crops_dir: Path):
+def read_crops(crops_dir: Path):
+    """:func:`psma_lib.crop.load_crops`, with a folder it cannot read reported as one
+    :class:`~psma_lib.errors.InputError` naming the folder."""
     from .crop import load_crops
 
     try:
@@ -531,7 +533,7 @@ def _inner_split(pids: np.ndarray, events: np.ndarray, fraction: float, seed: in
     return sorted(train), sorted(val)
 
 
-def _coxph_features(pre: ClinicalPreprocessor, frame: pd.DataFrame) -> np.ndarray:
+def clinical_cox_features(pre: ClinicalPreprocessor, frame: pd.DataFrame) -> np.ndarray:
     """Imputed, standardised clinical columns without the missing indicators (a few-percent
     missingness makes them near-constant, which breaks Newton-Raphson convergence)."""
     return pre.transform(frame)[:, :len(pre.columns)].double().numpy()
@@ -546,7 +548,7 @@ def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
     parts = []
     if covariates in ("clinical", "clinical+biomarkers"):
         pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
-        parts.append(lambda ids: _coxph_features(pre, by_id.loc[ids].reset_index()))
+        parts.append(lambda ids: clinical_cox_features(pre, by_id.loc[ids].reset_index()))
     if covariates != "clinical":
         table = biomarker_features(patient_biomarkers(lesions, patients["patient_id"])).set_index("patient_id")
         if covariates == "count":
@@ -711,7 +713,7 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         readings = images.numpy()
         covariates = None  # multimodal: the clinical columns as a Cox baseline sees them, beside the readings
         if config.modality == "multimodal":
-            covariates = _coxph_features(pre, by_id.reset_index()).astype(float)
+            covariates = clinical_cox_features(pre, by_id.reset_index()).astype(float)
             covariates = pd.DataFrame(covariates, index=by_id.index)
         penalizer = None
         if config.clinical_penalty == "inner":  # chosen on inner folds of the training patients alone
@@ -869,7 +871,7 @@ def _prepare(crops_dir: Path, out_dir: Path, config: CVConfig) -> _RunInputs:
     are created once (:func:`psma_lib.io.write_once`), so fold processes starting together on one
     folder agree on them, and a run with another configuration or data is refused."""
     config.validate()
-    crops = _load_crops(crops_dir)
+    crops = read_crops(crops_dir)
     patients, lesions = _check_inputs(crops, config.modality)
     checksum = str(crops.meta.get("data_checksum", ""))
     device = resolve_device(config.device)
@@ -920,7 +922,7 @@ def _check_header(out_dir: Path, header: dict) -> None:
 
 
 @contextlib.contextmanager
-def _torch_settings(config: CVConfig | PretrainConfig, device: torch.device):
+def torch_settings(config: CVConfig | PretrainConfig, device: torch.device):
     """The run's thread count (under torchrun: the node's share per rank) and, on CPU,
     deterministic kernels; restored afterwards."""
     previous_threads = torch.get_num_threads()
@@ -961,7 +963,7 @@ def run_fold(crops_dir: str | Path, out_dir: str | Path, config: CVConfig, k: in
         raise InputError(f"fold {k} does not exist: the run has folds 0-{config.folds - 1}")
     inputs = _prepare(crops_dir, out_dir, config)
     if _folds_left(out_dir, [k]):
-        with _torch_settings(config, inputs.device):
+        with torch_settings(config, inputs.device):
             _run_fold(k, config, inputs.patients, inputs.lesions, inputs.folds, inputs.images,
                       inputs.device, out_dir, config.name)
         distributed.barrier()
@@ -988,7 +990,7 @@ def run_cv(crops_dir: str | Path, out_dir: str | Path, config: CVConfig,
     """
     crops_dir, out_dir = Path(crops_dir), Path(out_dir)
     inputs = _prepare(crops_dir, out_dir, config)
-    with _torch_settings(config, inputs.device):
+    with torch_settings(config, inputs.device):
         desc = config.name
         todo = _folds_left(out_dir, range(config.folds))
         for k in tqdm(todo, desc=f"{desc} folds", disable=not (config.progress and distributed.is_main())):

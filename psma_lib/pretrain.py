@@ -37,12 +37,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .cv import (
-    _load_crops,
-    _torch_settings,
     aux_target_names,
     image_inputs,
     lesion_scaling,
     lesion_target_values,
+    read_crops,
+    torch_settings,
 )
 from .errors import InputError
 from .io import atomic_path
@@ -147,7 +147,7 @@ def pretrain_encoder(crops_dir: str | Path, out: str | Path, config: PretrainCon
     config = config or PretrainConfig()
     config.validate()
     crops_dir, out = Path(crops_dir), Path(out)
-    crops = _load_crops(crops_dir)
+    crops = read_crops(crops_dir)
     lesions = crops.lesions.copy()
     lesions["patient_id"] = lesions["patient_id"].astype(str)
     names = aux_target_names(config.targets, "targets")
@@ -164,7 +164,7 @@ def pretrain_encoder(crops_dir: str | Path, out: str | Path, config: PretrainCon
     targets = torch.tensor((values - mean) / sd, dtype=torch.float32)
     images = image_inputs(crops, lesions, config.backbone, config.view, config.channels)
     device = resolve_device(config.device)
-    with _torch_settings(config, device):  # the run's threads; deterministic kernels on CPU
+    with torch_settings(config, device):  # the run's threads; deterministic kernels on CPU
         set_seed(config.seed)
         model = SurvivalModel("imaging", config.backbone, view=config.view, stem=config.stem,
                               in_channels=len(input_channels(config.channels)), n_aux=len(names)).to(device)

@@ -622,7 +622,7 @@ def test_sharded_images_index_like_an_array(crops_dir):
 
 
 def test_2d_inputs_read_no_volume(crops_dir, tmp_path):
-    from psma_lib.cv import _load_crops, image_inputs
+    from psma_lib.cv import image_inputs, read_crops
 
     reference = load_crops(crops_dir)
     poisoned = _copy(crops_dir, tmp_path / "crops")
@@ -631,7 +631,7 @@ def test_2d_inputs_read_no_volume(crops_dir, tmp_path):
     volumes[:] = np.nan  # every voxel of every volume, header and size intact
     volumes.flush()
     del volumes
-    crops = _load_crops(poisoned)
+    crops = read_crops(poisoned)
     axial = image_inputs(crops, crops.lesions, "resnet18", "axial")
     assert np.array_equal(axial.numpy(), reference.planes("axial")[:, :2]), "PET and CT by default"
     orthogonal = image_inputs(crops, crops.lesions, "resnet18", "orthogonal", "pet,ct,mask")

@@ -17,7 +17,7 @@ from psma_lib.crop import load_crops
 from psma_lib.cv import (
     ClinicalPreprocessor,
     CVConfig,
-    _coxph_features,
+    clinical_cox_features,
     fit_lesion_cox,
     fold_seed,
     lesion_scaling,
@@ -233,7 +233,7 @@ def test_multimodal_reader_run_adds_the_training_folds_clinical_cox_terms_to_the
         train_ids = sorted(folds.loc[folds["fold"] != k, "patient_id"])
         test_ids = sorted(folds.loc[folds["fold"] == k, "patient_id"])
         pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
-        clinical = lambda ids, pre=pre: _coxph_features(pre, by_id.loc[ids].reset_index())  # noqa: E731
+        clinical = lambda ids, pre=pre: clinical_cox_features(pre, by_id.loc[ids].reset_index())  # noqa: E731
         mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids, covariates=clinical(train_ids))
         stored = load_file(str(run.out_dir / "checkpoints" / f"fold{k}.safetensors"))
         n_read = readings.shape[1]
@@ -263,7 +263,7 @@ def test_multimodal_reader_with_inner_penalty_fits_with_the_penalty_its_training
     for k in range(3):
         train_ids = sorted(folds.loc[folds["fold"] != k, "patient_id"])
         pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
-        clinical = _coxph_features(pre, by_id.loc[train_ids].reset_index())
+        clinical = clinical_cox_features(pre, by_id.loc[train_ids].reset_index())
         cvpl = select_covariate_penalizer(readings, lesions, patients, train_ids, clinical, seed=fold_seed(config.seed, k))
         stored = load_file(str(run.out_dir / "checkpoints" / f"fold{k}.safetensors"))
         assert float(stored["reader.clinical_penalizer"]) == cvpl.idxmax()
