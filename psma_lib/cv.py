@@ -608,12 +608,31 @@ def fit_lesion_cox(values: np.ndarray, lesions: pd.DataFrame, patients: pd.DataF
     return mean, sd, weight
 
 
+def lesion_cox_log_hazards(values: np.ndarray, lesions: pd.DataFrame, fit: tuple,
+                           covariates: pd.DataFrame | None = None) -> np.ndarray:
+    """``[L]`` log-hazards of the rows of ``lesions`` under a :func:`fit_lesion_cox` result ``fit`` =
+    (mean, sd, weights): each lesion's linear term in its ``values`` plus, with ``covariates`` (rows
+    indexed by patient id), its patient's covariate term -- so any aggregation adds it once.
+
+    >>> lesions = pd.DataFrame({"patient_id": list("aab")})
+    >>> fit = (np.zeros(1), np.ones(1), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    >>> lesion_cox_log_hazards(np.array([[0.0], [0.0], [1.0]]), lesions, fit,
+    ...                        pd.DataFrame({"x": [1.0, 0.0]}, index=["a", "b"])).tolist()
+    [2.0, 2.0, 1.0]
+    """
+    mean, sd, weight = fit
+    n_read = values.shape[1]
+    log_hazard = (standardise_inputs(values, mean, sd).double() @ weight[:n_read]).numpy()
+    if covariates is not None:
+        log_hazard = log_hazard + lesions["patient_id"].map(covariates @ weight[n_read:].numpy()).to_numpy()
+    return log_hazard
+
+
 def lesion_cox_patient_risks(values: np.ndarray, lesions: pd.DataFrame, fit: tuple, ids: Sequence[str],
                              aggregation: str = DEFAULT_AGGREGATION, covariates: pd.DataFrame | None = None
                              ) -> pd.Series:
-    """Log-risks of the patients ``ids`` under a :func:`fit_lesion_cox` result ``fit`` = (mean, sd,
-    weights): their lesions' linear terms combined with ``aggregation`` plus, with ``covariates``
-    (rows indexed by patient id), each patient's covariate term.
+    """Log-risks of the patients ``ids``: their lesions' :func:`lesion_cox_log_hazards` combined with
+    ``aggregation``.
 
     >>> lesions = pd.DataFrame({"patient_id": list("aab")})
     >>> fit = (np.zeros(1), np.ones(1), torch.tensor([1.0, 2.0], dtype=torch.float64))
@@ -621,16 +640,11 @@ def lesion_cox_patient_risks(values: np.ndarray, lesions: pd.DataFrame, fit: tup
     ...                          pd.DataFrame({"x": [1.0, 0.0]}, index=["a", "b"])).round(3).tolist()
     [2.693, 1.0]
     """
-    mean, sd, weight = fit
     ids = list(ids)
     rows = lesions["patient_id"].isin(ids).to_numpy()
-    n_read = values.shape[1]
-    scores = lesions.loc[rows, ["patient_id"]].assign(
-        log_hazard=(standardise_inputs(values[rows], mean, sd).double() @ weight[:n_read]).numpy())
-    risk = aggregate_lesion_risks(scores, aggregation).loc[ids]
-    if covariates is not None:
-        risk = risk + covariates.loc[ids].to_numpy() @ weight[n_read:].numpy()
-    return risk
+    mine = lesions.loc[rows, ["patient_id"]]
+    scores = mine.assign(log_hazard=lesion_cox_log_hazards(values[rows], mine, fit, covariates))
+    return aggregate_lesion_risks(scores, aggregation).loc[ids]
 
 
 def select_covariate_penalizer(values: np.ndarray, lesions: pd.DataFrame, patients: pd.DataFrame,
@@ -715,22 +729,18 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         if config.modality == "multimodal":
             covariates = clinical_cox_features(pre, by_id.reset_index()).astype(float)
             covariates = pd.DataFrame(covariates, index=by_id.index)
+        train_covariates = None if covariates is None else covariates.loc[train_ids].to_numpy()
         penalizer = None
         if config.clinical_penalty == "inner":  # chosen on inner folds of the training patients alone
-            cvpl = select_covariate_penalizer(readings, lesions, patients, train_ids,
-                                              covariates.loc[train_ids].to_numpy(), config.aggregation, seed)
+            cvpl = select_covariate_penalizer(readings, lesions, patients, train_ids, train_covariates,
+                                              config.aggregation, seed)
             penalizer = float(cvpl.idxmax())
             tensors["reader.clinical_penalizer"] = torch.tensor(penalizer, dtype=torch.float64)
             notes.append(f"clinical penalizer {penalizer:g} (inner CV)")
         mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids, config.aggregation,
-                                          None if covariates is None else covariates.loc[train_ids].to_numpy(),
-                                          penalizer)
+                                          train_covariates, penalizer)
         tensors.update({"reader.mean": torch.tensor(mean), "reader.sd": torch.tensor(sd), "reader.weight": weight})
-        n_read = readings.shape[1]
-        log_hazard = (standardise_inputs(readings, mean, sd).double() @ weight[:n_read]).numpy()
-        if covariates is not None:  # a lesion's log-hazard holds its patient's clinical term
-            log_hazard = log_hazard + lesions["patient_id"].map(covariates @ weight[n_read:].numpy()).to_numpy()
-        scores = lesions.assign(log_hazard=log_hazard)
+        scores = lesions.assign(log_hazard=lesion_cox_log_hazards(readings, lesions, (mean, sd, weight), covariates))
         risk = aggregate_lesion_risks(scores, config.aggregation)
         test_risk, train_risk = risk.loc[test_ids].to_numpy(), risk.loc[train_ids].to_numpy()
         test_les = scores[scores["patient_id"].isin(test_ids)].reset_index(drop=True)

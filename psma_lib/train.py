@@ -363,7 +363,7 @@ def fit_lesion_linear(inputs: torch.Tensor, lesion_patient: torch.Tensor, time: 
         time, event: ``[P]`` the patients' times and 0/1 events.
         patient_inputs: ``[P, J]`` standardised patient-level covariates, or None.
         patient_penalizer: the ridge penalty of their weights ``b`` (e.g. chosen on inner folds,
-            :func:`psma_lib.cv.select_patient_penalizer`).
+            :func:`psma_lib.cv.select_covariate_penalizer`).
 
     >>> z = torch.tensor([[1.0], [0.0], [-1.0], [0.5]])
     >>> w = fit_lesion_linear(z, torch.arange(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([1, 1, 1, 0]))
