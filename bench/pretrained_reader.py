@@ -36,7 +36,7 @@ import pandas as pd
 
 from psma_lib import book, comparison
 from psma_lib.analysis import oracle_c_index
-from psma_lib.cv import fit_lesion_cox, lesion_target_values, standardise_inputs
+from psma_lib.cv import fit_lesion_cox, lesion_cox_log_hazards, lesion_target_values
 from psma_lib.io import write_json
 from psma_lib.metrics import paired_bootstrap_delta_c
 from psma_lib.models import aggregate_lesion_risks
@@ -69,9 +69,9 @@ def fold_linear_risks(values: np.ndarray, lesions: pd.DataFrame, oof: pd.DataFra
     scores = np.full(len(lesions), np.nan)
     for k in sorted(oof["fold"].unique()):
         train_ids = sorted(oof.loc[oof["fold"] != k, "patient_id"])
-        mean, sd, weight = fit_lesion_cox(values, lesions, oof, train_ids, "sum")
+        fit = fit_lesion_cox(values, lesions, oof, train_ids, "sum")
         test = lesions["patient_id"].isin(oof.loc[oof["fold"] == k, "patient_id"]).to_numpy()
-        scores[test] = (standardise_inputs(values[test], mean, sd).double() @ weight).numpy()
+        scores[test] = lesion_cox_log_hazards(values[test], lesions[test], fit)
     risk = aggregate_lesion_risks(lesions.assign(log_hazard=scores), "sum")
     return risk, scores
 

@@ -24,6 +24,10 @@ bone fraction), ``clinical+biomarkers``, or ``biomarkers+ct`` (the biomarkers an
 mean lesion CT density, :func:`psma_lib.biomarkers.mean_ct_density`: the strongest baseline here that
 reads nothing of the images beyond the masks' measurements; a patient without a measured density
 gets the training fold's mean); biomarkers are standardised with the training fold's mean and sd.
+With ``clinical_penalty="inner"`` (``clinical`` and ``clinical+biomarkers``; the sceptic's
+baseline for the multimodal reader, whose clinical penalty is chosen the same way) the clinical
+columns' ridge penalty is chosen on inner folds of the training patients
+(:func:`select_coxph_clinical_penalizer`; ``coxph.clinical_penalizer``), the other columns keep 0.01.
 
 ``model="reader"`` (imaging, multimodal): a pretrained lesion reader kept fixed (``weights``: a
 file of ``psma-pfs pretrain``, :func:`psma_lib.pretrain.read_lesions`) reads each lesion's
@@ -191,6 +195,13 @@ class CVConfig:
         name = f"{self.modality}-{self.backbone if self.model == 'resnet' else self.model}"
         return name if self.covariates == "clinical" else f"{name}-{self.covariates.replace('+', '-')}"
 
+    @property
+    def fits_clinical_weights(self) -> bool:
+        """Whether the run fits ridge-penalised clinical weights whose penalty ``clinical_penalty`` sets:
+        the multimodal reader and the Cox baselines with clinical columns."""
+        return ((self.model, self.modality) == ("reader", "multimodal")
+                or (self.model == "coxph" and self.covariates in ("clinical", "clinical+biomarkers")))
+
     def validate(self) -> None:
         if self.modality not in MODALITIES:
             raise InputError(f"unknown modality {self.modality!r}; choose one of {MODALITIES}")
@@ -240,9 +251,11 @@ class CVConfig:
                              "pretrain: give weights, and a lesion aggregation (not attention)")
         if self.clinical_penalty not in CLINICAL_PENALTIES:
             raise InputError(f"unknown clinical_penalty {self.clinical_penalty!r}; choose one of {CLINICAL_PENALTIES}")
-        if self.clinical_penalty != "fixed" and (self.model != "reader" or self.modality != "multimodal"):
+        if self.clinical_penalty != "fixed" and not self.fits_clinical_weights:
             raise InputError(f"clinical_penalty {self.clinical_penalty!r} is for the multimodal reader model (model "
-                             "reader, modality multimodal): the other models fit no separate clinical weights")
+                             "reader, modality multimodal) and the Cox baselines with clinical columns (model coxph, "
+                             "covariates clinical or clinical+biomarkers): the other models fit no separate "
+                             "penalised clinical weights")
         if self.freeze_encoder and (self.model != "resnet" or not self.weights):
             raise InputError("freeze_encoder keeps a pretrained image encoder fixed: it needs a resnet model and "
                              "weights (e.g. from psma-pfs pretrain)")
@@ -561,16 +574,18 @@ def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
     return lambda ids: np.column_stack([part(ids) for part in parts])
 
 
-def fit_coxph(x: np.ndarray, train: pd.DataFrame) -> np.ndarray:
-    """Cox coefficients (lifelines, :data:`COXPH_PENALIZER`) for design ``x`` ``[n, k]`` of the
-    training patients ``train`` (``pfs_months``, ``event``); 0 for a column constant there."""
+def fit_coxph(x: np.ndarray, train: pd.DataFrame, penalizer: float | np.ndarray = COXPH_PENALIZER) -> np.ndarray:
+    """Cox coefficients (lifelines, ridge ``penalizer``: one value, or ``[k]`` one per column) for
+    design ``x`` ``[n, k]`` of the training patients ``train`` (``pfs_months``, ``event``); 0 for a
+    column constant there."""
     from lifelines import CoxPHFitter
 
     keep = x.std(axis=0) > 1e-8  # e.g. a treatment nobody in this fold received
     names = [f"x{j}" for j in np.flatnonzero(keep)]
     frame = pd.DataFrame(x[:, keep], columns=names)
     frame["T"], frame["E"] = train["pfs_months"].to_numpy(), train["event"].to_numpy()
-    cph = CoxPHFitter(penalizer=COXPH_PENALIZER).fit(frame, "T", "E")
+    penalizer = penalizer if np.ndim(penalizer) == 0 else np.asarray(penalizer, dtype=float)[keep]
+    cph = CoxPHFitter(penalizer=penalizer).fit(frame, "T", "E")
     coef = np.zeros(x.shape[1])
     coef[keep] = cph.params_[names].to_numpy()
     return coef
@@ -688,6 +703,27 @@ def select_covariate_penalizer(values: np.ndarray, lesions: pd.DataFrame, patien
     return pd.Series(cvpl, name="cv_partial_log_likelihood").rename_axis("penalizer")
 
 
+def select_coxph_clinical_penalizer(x: np.ndarray, train: pd.DataFrame, n_clinical: int, seed: int = 0) -> pd.Series:
+    """:func:`select_covariate_penalizer` for a Cox baseline: the cross-validated partial
+    log-likelihood of each clinical penalty in :data:`CLINICAL_PENALIZER_GRID` (index), from inner
+    folds of the training patients alone.
+
+    Each patient is a bag of one "lesion" that holds the design's other columns (a sum over one
+    lesion is that lesion), so the objective is lifelines' with the grid value on the clinical
+    columns and :data:`COXPH_PENALIZER` on the rest (tests/test_cv.py compares it with lifelines).
+
+    Args:
+        x: ``[n, J + K]`` the training patients' design (:func:`coxph_design`), the ``J = n_clinical``
+            clinical columns first.
+        train: the ``n`` training patients (``patient_id``, ``pfs_months``, ``event``), rows in ``x``'s order.
+        seed: the inner folds' seed (e.g. the outer fold's).
+    """
+    ids = train["patient_id"].astype(str).tolist()
+    patients = train.assign(patient_id=ids)
+    bags = pd.DataFrame({"patient_id": ids})
+    return select_covariate_penalizer(x[:, n_clinical:], bags, patients, ids, x[:, :n_clinical], "sum", seed)
+
+
 def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
     """The untrained model a run of ``config`` trains (and its checkpoints hold)."""
     image_model = config.model == "resnet"
@@ -717,7 +753,15 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
     input_term = None  # each test lesion's linear term in its measured inputs, where the model has one
     if config.model == "coxph":
         design = coxph_design(config.covariates, patients, lesions, train_ids)
-        coef = fit_coxph(design(train_ids), by_id.loc[train_ids].reset_index())
+        x_train, train = design(train_ids), by_id.loc[train_ids].reset_index()
+        penalizer = COXPH_PENALIZER
+        if config.clinical_penalty == "inner":  # the clinical columns' penalty, chosen on inner folds
+            n_clin = len(CLINICAL_COLUMNS)
+            chosen = float(select_coxph_clinical_penalizer(x_train, train, n_clin, seed).idxmax())
+            penalizer = np.r_[np.full(n_clin, chosen), np.full(x_train.shape[1] - n_clin, COXPH_PENALIZER)]
+            tensors["coxph.clinical_penalizer"] = torch.tensor(chosen, dtype=torch.float64)
+            notes.append(f"clinical penalizer {chosen:g} (inner CV)")
+        coef = fit_coxph(x_train, train, penalizer)
         tensors["coxph.coef"] = torch.tensor(coef)
         score = lambda ids: design(ids) @ coef  # noqa: E731
         test_risk, train_risk = score(test_ids), score(train_ids)
@@ -1172,9 +1216,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--freeze-encoder", action="store_true",
                    help="keep the encoder loaded from --weights fixed (BatchNorm statistics too): train the heads only")
     p.add_argument("--clinical-penalty", choices=CLINICAL_PENALTIES, default=None,
-                   help="multimodal reader: ridge penalty of the clinical columns, inner (chosen per fold on inner "
-                        "folds of its training patients; the default, docs/METHOD.md thirteenth round) or fixed "
-                        "(the Cox baselines')")
+                   help="ridge penalty of the clinical columns of the multimodal reader and of the coxph baselines "
+                        "with covariates clinical or clinical+biomarkers: inner (chosen per fold on inner folds of "
+                        "its training patients; the multimodal reader's default, docs/METHOD.md thirteenth round) "
+                        "or fixed (0.01; the Cox baselines' default)")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false")

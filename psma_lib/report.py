@@ -267,14 +267,26 @@ def reader_table(meta: dict) -> pd.DataFrame:
 # --------------------------------------------------------------------------- cross-validated runs
 
 
+def model_name(config) -> str:
+    """The kind of model of a run's :class:`psma_lib.cv.CVConfig` in words (:data:`MODEL_NAMES`),
+    saying so where its clinical penalty was chosen on inner folds.
+
+    >>> from psma_lib.cv import CVConfig
+    >>> model_name(CVConfig(modality="clinical", model="coxph", clinical_penalty="inner"))
+    'Cox (lifelines), clinical penalty by inner CV'
+    """
+    name = MODEL_NAMES[config.model]
+    return f"{name}, clinical penalty by inner CV" if config.clinical_penalty == "inner" else name
+
+
 def run_label(config) -> str:
     """Short name of a run's :class:`psma_lib.cv.CVConfig`: ``multimodal resnet18`` or
-    ``clinical Cox (lifelines)``."""
+    ``clinical Cox (lifelines)`` (with :func:`model_name`'s note on a tuned clinical penalty)."""
     if config.model == "resnet":
         return f"{config.modality} {config.backbone}"
     if config.model == "coxph" and config.covariates != "clinical":
-        return f"{config.covariates} {MODEL_NAMES[config.model]}"
-    return f"{config.modality} {MODEL_NAMES[config.model]}"
+        return f"{config.covariates} {model_name(config)}"
+    return f"{config.modality} {model_name(config)}"
 
 
 def cv_config_table(config) -> pd.DataFrame:
@@ -297,7 +309,7 @@ def ablation_table(runs: Sequence, headline: pd.DataFrame) -> pd.DataFrame:
         baseline = config.model == "coxph" and config.covariates != "clinical"
         rows.append({
             "Modality": config.covariates if baseline else config.modality,
-            "Backbone": config.backbone or EMPTY, "Model": MODEL_NAMES[config.model],
+            "Backbone": config.backbone or EMPTY, "Model": model_name(config),
             "Fold range (min–max)": fmt_range(sm["fold_min"], sm["fold_max"]),
             "Paper's fold range": EMPTY if baseline or config.model == "reader"
             else fmt_range(*PAPER_C_INDEX_RANGE[config.modality]),

@@ -26,6 +26,7 @@ from psma_lib.cv import (
     make_folds,
     make_model,
     run_cv,
+    select_coxph_clinical_penalizer,
 )
 from psma_lib.errors import InputError
 from psma_lib.evaluation import concordance_index as harrell_c
@@ -205,6 +206,72 @@ def test_coxph_baseline_same_folds_matches_lifelines(imaging_run, tiny_crops, tm
     expected = pd.DataFrame(pre.transform(test).numpy()[:, :n][:, keep]).add_prefix("x") @ cph.params_.to_numpy()
     got = result.oof[result.oof["fold"] == 0].set_index("patient_id").loc[test["patient_id"], "risk"]
     assert np.allclose(got.to_numpy(), expected.to_numpy(), atol=1e-4)
+
+
+def test_coxph_inner_penalty_cv_likelihood_matches_lifelines_fits_on_rossi():
+    """The cross-validated partial log-likelihood of each clinical penalty equals the one computed
+    from lifelines fits with a penalizer per column (grid value on the "clinical" columns, 0.01 on
+    the rest) on the same inner folds, scored with lifelines' own Efron likelihood; same choice."""
+    from lifelines.datasets import load_rossi
+
+    from psma_lib.cv import CLINICAL_PENALIZER_GRID, COXPH_PENALIZER
+
+    rossi = load_rossi()
+    columns = ["fin", "age", "race", "wexp", "mar", "paro", "prio"]
+    z = ((rossi[columns] - rossi[columns].mean()) / rossi[columns].std(ddof=0)).to_numpy()
+    train = pd.DataFrame({"patient_id": [f"r{i:03d}" for i in range(len(rossi))],
+                          "pfs_months": rossi["week"].astype(float), "event": rossi["arrest"]})
+    got = select_coxph_clinical_penalizer(z, train, n_clinical=4, seed=3)
+    inner = make_folds(train, 5, 3)
+    frame = pd.DataFrame(z, columns=columns).assign(T=train["pfs_months"], E=train["event"])
+    expected = {}
+    for penalizer in CLINICAL_PENALIZER_GRID:
+        total = 0.0
+        for k in range(5):
+            fit = (inner["fold"] != k).to_numpy()
+            cph = CoxPHFitter(penalizer=np.r_[[penalizer] * 4, [COXPH_PENALIZER] * 3]).fit(frame[fit], "T", "E")
+            total += cph.score(frame) * len(frame) - cph.score(frame[fit]) * fit.sum()  # score: mean log PL
+        expected[penalizer] = total
+    expected = pd.Series(expected)
+    # lifelines rescales each inner fold's columns before penalising them: hundredths on ~770
+    np.testing.assert_allclose(got.to_numpy(), expected.to_numpy(), atol=0.05, rtol=0)
+    assert got.idxmax() == expected.idxmax()
+
+
+@pytest.mark.parametrize("covariates", ["clinical", "clinical+biomarkers"])
+def test_coxph_baseline_with_inner_clinical_penalty_is_lifelines_with_the_penalty_its_training_patients_choose(
+        covariates, tiny_crops, tmp_path):
+    """``clinical_penalty="inner"`` on a baseline with clinical columns: each fold's clinical
+    columns get the inner-CV choice of its training patients (stored, noted), any biomarkers keep
+    0.01, and the test risks are lifelines' fit with those penalties per column."""
+    from psma_lib.cv import COXPH_PENALIZER, coxph_design, fold_seed
+
+    config = CVConfig(modality="clinical", model="coxph", covariates=covariates, clinical_penalty="inner", **TINY)
+    assert config.run_defining()["clinical_penalty"] == "inner"
+    result = run_cv(tiny_crops, tmp_path / "inner", config)
+    crops = load_crops(tiny_crops)
+    patients, lesions = crops.patients.astype({"patient_id": str}), crops.lesions.astype({"patient_id": str})
+    by_id = patients.set_index("patient_id")
+    fold_results = pd.read_csv(result.out_dir / "fold_results.csv")
+    for k in range(3):
+        train_ids = sorted(result.oof.loc[result.oof["fold"] != k, "patient_id"])
+        test_ids = sorted(result.oof.loc[result.oof["fold"] == k, "patient_id"])
+        design = coxph_design(covariates, patients, lesions, train_ids)
+        train = by_id.loc[train_ids].reset_index()
+        chosen = select_coxph_clinical_penalizer(design(train_ids), train, 10, fold_seed(config.seed, k)).idxmax()
+        stored = load_file(str(result.out_dir / "checkpoints" / f"fold{k}.safetensors"))
+        assert float(stored["coxph.clinical_penalizer"]) == chosen
+        assert f"clinical penalizer {chosen:g} (inner CV)" in fold_results.loc[k, "notes"]
+        x = design(train_ids)
+        keep = x.std(0) > 1e-8
+        frame = pd.DataFrame(x[:, keep]).add_prefix("x").assign(T=train["pfs_months"], E=train["event"])
+        penalties = np.r_[[chosen] * 10, [COXPH_PENALIZER] * (x.shape[1] - 10)][keep]
+        cph = CoxPHFitter(penalizer=penalties).fit(frame, "T", "E")
+        expected = design(test_ids)[:, keep] @ cph.params_.to_numpy()
+        got = result.oof.set_index("patient_id").loc[test_ids, "risk"].to_numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+    with pytest.raises(InputError, match="covariates clinical or clinical\\+biomarkers"):
+        CVConfig(modality="clinical", model="coxph", covariates="biomarkers", clinical_penalty="inner").validate()
 
 
 def test_count_baseline_ranks_by_lesion_count_and_biomarkers_scale_on_training_folds(tiny_crops, tmp_path):
