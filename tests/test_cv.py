@@ -317,10 +317,19 @@ def test_attention_model_fits_its_training_patients(tiny_crops, tmp_path):
     assert np.mean(c_train) > 0.65, c_train
 
 
-def test_r3d_18_cross_validation_runs(tiny_crops, tmp_path):
-    config = CVConfig(modality="imaging", backbone="r3d_18", aggregation="max", **{**TINY, "epochs": 1})
+def test_r3d_18_model_fits_its_training_patients(tiny_crops, tmp_path):
+    """The 3D backbone trains at all: 8 epochs rank its own training patients well above chance
+    (0.90, 0.83, 0.72 here); with ``max`` pooling of an imaging model, an image-blind or constant
+    lesion output ties every pair (C 0.5)."""
+    config = CVConfig(modality="imaging", backbone="r3d_18", aggregation="max",
+                      **{**TINY, "epochs": 8, "lr": 3e-3, "augment": False})
     result = run_cv(tiny_crops, tmp_path / "cv", config)
     assert len(result.oof) == 24 and np.isfinite(result.oof["risk"]).all()
+    train = _read(result.out_dir, "train_predictions.csv")
+    patients = load_crops(tiny_crops).patients.set_index("patient_id")
+    c_train = [harrell_c(patients.loc[g["patient_id"], "pfs_months"].to_numpy(), g["risk"].to_numpy(),
+                         patients.loc[g["patient_id"], "event"].to_numpy()) for _, g in train.groupby("fold")]
+    assert np.mean(c_train) > 0.65, c_train
 
 
 def test_cli_runs_and_reports(tiny_crops, tmp_path, capsys):
