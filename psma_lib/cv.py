@@ -671,7 +671,9 @@ def select_covariate_penalizer(values: np.ndarray, lesions: pd.DataFrame, patien
     for each ridge penalty of theirs in ``grid`` (index), from ``n_folds`` event-stratified inner
     folds of the patients ``train_ids`` alone: Verweij & van Houwelingen's (1993) sum over the
     inner folds of log PL(all ``train_ids``) - log PL(the fold's training patients), both at the
-    weights fitted without that fold. The best penalty is ``.idxmax()``.
+    weights fitted without that fold. The best penalty is ``.idxmax()``. Training patients with
+    fewer than ``n_folds`` events or censored patients (a small real cohort) get as many inner
+    folds as they allow, at least two.
 
     Args:
         values: ``[L, K]`` the lesions' inputs (rows of ``lesions``), as for :func:`fit_lesion_cox`.
@@ -681,8 +683,11 @@ def select_covariate_penalizer(values: np.ndarray, lesions: pd.DataFrame, patien
     train_ids = list(train_ids)
     by_id = patients.set_index("patient_id")
     cov = pd.DataFrame(np.asarray(covariates, dtype=float), index=train_ids)
+    train = by_id.loc[train_ids].reset_index()
+    n_events = int(train["event"].sum())
+    n_folds = max(2, min(n_folds, n_events, len(train) - n_events, len(train) // 2))
     try:
-        inner = make_folds(by_id.loc[train_ids].reset_index(), n_folds, seed)
+        inner = make_folds(train, n_folds, seed)
     except InputError as err:
         raise InputError(f"choosing the clinical penalty on inner folds of the training patients: {err}") from err
 

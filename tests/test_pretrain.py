@@ -317,5 +317,12 @@ def test_inner_cv_penalty_reads_the_training_patients_alone():
     moved[~lesions["patient_id"].isin(train_ids).to_numpy()] += 5.0
     again = select_covariate_penalizer(moved, lesions, changed, train_ids, covariates[:90], "sum", seed=2)
     pd.testing.assert_series_equal(cvpl, again)
-    with pytest.raises(InputError, match="inner folds of the training patients: 8 patients"):
-        select_covariate_penalizer(values, lesions, patients, train_ids[:8], covariates[:8], "sum")
+    # a small cohort: three censored training patients allow three inner folds, one event none
+    event = patients.set_index("patient_id")["event"]
+    few = sorted([*event[event == 1].index[:9], *event[event == 0].index[:3]])  # rows in patients order
+    rows = patients["patient_id"].isin(few).to_numpy()
+    cvpl = select_covariate_penalizer(values, lesions, patients, few, covariates[rows], "sum")
+    assert cvpl.index.tolist() == [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0] and np.isfinite(cvpl).all()
+    lone = sorted([*event[event == 1].index[:1], *event[event == 0].index[:9]])
+    with pytest.raises(InputError, match="inner folds of the training patients: 10 patients with 1 events"):
+        select_covariate_penalizer(values, lesions, patients, lone, covariates[patients["patient_id"].isin(lone)], "sum")
