@@ -9,8 +9,9 @@ For each cohort seed S, with the quick (or any) profile's cohort, crops and fold
   summed as hazards) and multimodal (the same with the clinical columns beside them, their ridge
   penalty chosen on inner folds), as the chapters run them, and the twelfth round's multimodal
   reader (the clinical columns with the Cox baselines' fixed penalty);
-* beside the Cox baselines of the book (lesion count, clinical, clinical + biomarkers with the fixed
-  and with the tuned clinical penalty, biomarkers + CT density), noise lesion outputs through the
+* beside the Cox baselines of the book (clinical, and :data:`psma_lib.book.BASELINE_RUNS`: lesion
+  count, the PSMA PET biomarkers, clinical + biomarkers with the fixed and with the tuned clinical
+  penalty, biomarkers + CT density), noise lesion outputs through the
   same ``sum`` (200 draws) and the oracle (and the true imaging part alone); and,
   with ``--networks``, the book's imaging and multimodal ResNet-18 (trained here if not cached:
   about 5 minutes per seed on 2 CPU cores).
@@ -52,12 +53,7 @@ MM_FIXED = "multimodal reader, fixed clinical penalty"
 SUPERSEDED = {MM_FIXED: dict(modality="multimodal", model="reader", clinical_penalty="fixed")}
 #: The sceptic's baseline for the multimodal reader: its clinical penalty chosen on inner folds too.
 CB_TUNED = "clinical + biomarkers (Cox, tuned)"
-BASELINES = {"lesion count (Cox)": dict(modality="clinical", model="coxph", covariates="count"),
-             "clinical (Cox)": dict(modality="clinical", model="coxph"),
-             "clinical + biomarkers (Cox)": dict(modality="clinical", model="coxph", covariates="clinical+biomarkers"),
-             "biomarkers + CT density (Cox)": dict(modality="clinical", model="coxph", covariates="biomarkers+ct"),
-             CB_TUNED: dict(modality="clinical", model="coxph", covariates="clinical+biomarkers",
-                            clinical_penalty="inner")}
+BASELINES = {"clinical (Cox)": dict(modality="clinical", model="coxph"), **book.BASELINE_RUNS}
 NETWORKS = {"imaging ResNet-18 (book)": dict(modality="imaging"), "multimodal ResNet-18 (book)": dict(modality="multimodal")}
 
 

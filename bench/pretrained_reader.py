@@ -96,8 +96,8 @@ def main() -> None:
         crops = book.crops(s)
         lesions = crops.lesions.astype({"patient_id": str}).reset_index(drop=True)
         runs = {"imaging (book)": book.cv(s, "imaging"),
-                "lesion count (Cox)": book.cv(s, "clinical", model="coxph", covariates="count"),
-                "biomarkers + CT density (Cox)": book.cv(s, "clinical", model="coxph", covariates="biomarkers+ct")}
+                **{name: book.cv(s, **book.BASELINE_RUNS[name])
+                   for name in ("lesion count (Cox)", "biomarkers + CT density (Cox)")}}
         oof = runs["imaging (book)"].oof.sort_values("patient_id").reset_index(drop=True)
         readings = read_lesions(weights, crops, lesions)
         targets = list(readings.columns)

@@ -320,18 +320,23 @@ def cv(s: BookSettings, modality: str, model: str | None = None, backbone: str |
 
 # The book's runs as :func:`cv` keywords: the chapters ask for these, ``psma-pfs grid`` trains them.
 CLINICAL_RUNS = (dict(modality="clinical", model="coxph"), dict(modality="clinical", model="mlp"))
-#: The last: clinical + biomarkers with the clinical penalty chosen on inner folds, as the multimodal
-#: reader's is (the sceptic's baseline for it: does the reader win only because its shrinkage is tuned?).
-BASELINE_RUNS = (*(dict(modality="clinical", model="coxph", covariates=c)
-                   for c in ("count", "biomarkers", "clinical+biomarkers", "biomarkers+ct")),
-                 dict(modality="clinical", model="coxph", covariates="clinical+biomarkers", clinical_penalty="inner"))
+#: The Cox baselines by name, as :func:`cv` keywords: lesion count, the PSMA PET biomarkers, clinical +
+#: biomarkers (once more with the clinical penalty chosen on inner folds, as the multimodal reader's
+#: is: does the reader win only because its shrinkage is tuned?) and biomarkers + CT density.
+BASELINE_RUNS = {
+    "lesion count (Cox)": dict(modality="clinical", model="coxph", covariates="count"),
+    "PSMA PET biomarkers (Cox)": dict(modality="clinical", model="coxph", covariates="biomarkers"),
+    "clinical + biomarkers (Cox)": dict(modality="clinical", model="coxph", covariates="clinical+biomarkers"),
+    "clinical + biomarkers (Cox, tuned)": dict(modality="clinical", model="coxph", covariates="clinical+biomarkers",
+                                               clinical_penalty="inner"),
+    "biomarkers + CT density (Cox)": dict(modality="clinical", model="coxph", covariates="biomarkers+ct"),
+}
 
 
-def baseline_runs(s: BookSettings) -> list[CVResult]:
-    """The Cox baselines on the networks' folds: lesion count, PSMA PET biomarkers, clinical +
-    biomarkers, biomarkers + the lesions' mean CT density, and clinical + biomarkers with the
-    clinical penalty chosen on inner folds (the clinical Cox model is among :func:`clinical_runs`)."""
-    return [cv(s, **run) for run in BASELINE_RUNS]
+def baseline_runs(s: BookSettings) -> dict[str, CVResult]:
+    """The Cox baselines of :data:`BASELINE_RUNS` on the networks' folds, by name (the clinical Cox
+    model is among :func:`clinical_runs`)."""
+    return {name: cv(s, **run) for name, run in BASELINE_RUNS.items()}
 
 
 def clinical_runs(s: BookSettings) -> list[CVResult]:
@@ -342,7 +347,7 @@ def clinical_runs(s: BookSettings) -> list[CVResult]:
 
 def ablation_specs(s: BookSettings) -> list[dict]:
     """:func:`ablation_runs`' runs as :func:`cv` keywords."""
-    return [*CLINICAL_RUNS, *BASELINE_RUNS, *(dict(modality=modality, model="resnet", backbone=backbone)
+    return [*CLINICAL_RUNS, *BASELINE_RUNS.values(), *(dict(modality=modality, model="resnet", backbone=backbone)
                                               for modality in ("imaging", "multimodal") for backbone in s.backbones)]
 
 
@@ -375,7 +380,7 @@ def repeat_models(s: BookSettings) -> dict[str, dict]:
     >>> list(repeat_models(settings(profile="ci")))
     ['lesion count (Cox)', 'imaging resnet18', 'multimodal resnet18']
     """
-    return {"lesion count (Cox)": dict(modality="clinical", model="coxph", covariates="count"),
+    return {"lesion count (Cox)": BASELINE_RUNS["lesion count (Cox)"],
             f"imaging {s.main_backbone}": dict(modality="imaging"),
             f"multimodal {s.main_backbone}": dict(modality="multimodal")}
 

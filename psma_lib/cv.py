@@ -114,12 +114,15 @@ if TYPE_CHECKING:  # pretrain imports cv
     from .pretrain import PretrainConfig
 
 COXPH_PENALIZER = 0.01
-#: The clinical columns' ridge penalties an ``inner`` multimodal reader run chooses from (the
+#: The clinical columns' ridge penalties an ``inner`` run (the multimodal reader, a Cox baseline
+#: with clinical columns) chooses from (the
 #: objective's scale: negative log partial likelihood per patient; 0.01 is :data:`COXPH_PENALIZER`,
 #: 10 shrinks ten standardised columns to nearly nothing), and its number of inner folds.
 CLINICAL_PENALIZER_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 INNER_FOLDS = 5
 COXPH_COVARIATES = ("clinical", "count", "biomarkers", "clinical+biomarkers", "biomarkers+ct")
+#: The Cox baselines fitted on the clinical columns (first in their design, :func:`coxph_design`).
+COXPH_CLINICAL_COVARIATES = ("clinical", "clinical+biomarkers")
 FOLD_RESULT_COLUMNS = ("fold", "n_train_patients", "n_val_patients", "n_test_patients", "n_test_events",
                        "c_index", "c_index_lesion", "best_epoch", "seed", "notes")
 
@@ -200,7 +203,7 @@ class CVConfig:
         """Whether the run fits ridge-penalised clinical weights whose penalty ``clinical_penalty`` sets:
         the multimodal reader and the Cox baselines with clinical columns."""
         return ((self.model, self.modality) == ("reader", "multimodal")
-                or (self.model == "coxph" and self.covariates in ("clinical", "clinical+biomarkers")))
+                or (self.model == "coxph" and self.covariates in COXPH_CLINICAL_COVARIATES))
 
     def validate(self) -> None:
         if self.modality not in MODALITIES:
@@ -559,7 +562,7 @@ def coxph_design(covariates: str, patients: pd.DataFrame, lesions: pd.DataFrame,
 
     by_id = patients.set_index("patient_id")
     parts = []
-    if covariates in ("clinical", "clinical+biomarkers"):
+    if covariates in COXPH_CLINICAL_COVARIATES:
         pre = ClinicalPreprocessor(CLINICAL_COLUMNS).fit(by_id.loc[train_ids].reset_index())
         parts.append(lambda ids: clinical_cox_features(pre, by_id.loc[ids].reset_index()))
     if covariates != "clinical":
@@ -729,6 +732,15 @@ def select_coxph_clinical_penalizer(x: np.ndarray, train: pd.DataFrame, n_clinic
     return select_covariate_penalizer(x[:, n_clinical:], bags, patients, ids, x[:, :n_clinical], "sum", seed)
 
 
+def _chosen_penalizer(cvpl: pd.Series, key: str, tensors: dict, notes: list) -> float:
+    """The inner-CV choice of a :func:`select_covariate_penalizer` result, stored in the fold's
+    checkpoint under ``key`` and in its notes."""
+    chosen = float(cvpl.idxmax())
+    tensors[key] = torch.tensor(chosen, dtype=torch.float64)
+    notes.append(f"clinical penalizer {chosen:g} (inner CV)")
+    return chosen
+
+
 def make_model(config: CVConfig, n_clinical: int) -> SurvivalModel:
     """The untrained model a run of ``config`` trains (and its checkpoints hold)."""
     image_model = config.model == "resnet"
@@ -762,10 +774,9 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         penalizer = COXPH_PENALIZER
         if config.clinical_penalty == "inner":  # the clinical columns' penalty, chosen on inner folds
             n_clin = len(CLINICAL_COLUMNS)
-            chosen = float(select_coxph_clinical_penalizer(x_train, train, n_clin, seed).idxmax())
+            chosen = _chosen_penalizer(select_coxph_clinical_penalizer(x_train, train, n_clin, seed),
+                                       "coxph.clinical_penalizer", tensors, notes)
             penalizer = np.r_[np.full(n_clin, chosen), np.full(x_train.shape[1] - n_clin, COXPH_PENALIZER)]
-            tensors["coxph.clinical_penalizer"] = torch.tensor(chosen, dtype=torch.float64)
-            notes.append(f"clinical penalizer {chosen:g} (inner CV)")
         coef = fit_coxph(x_train, train, penalizer)
         tensors["coxph.coef"] = torch.tensor(coef)
         score = lambda ids: design(ids) @ coef  # noqa: E731
@@ -781,11 +792,9 @@ def _run_fold(k: int, config: CVConfig, patients, lesions, folds, images, device
         train_covariates = None if covariates is None else covariates.loc[train_ids].to_numpy()
         penalizer = None
         if config.clinical_penalty == "inner":  # chosen on inner folds of the training patients alone
-            cvpl = select_covariate_penalizer(readings, lesions, patients, train_ids, train_covariates,
-                                              config.aggregation, seed)
-            penalizer = float(cvpl.idxmax())
-            tensors["reader.clinical_penalizer"] = torch.tensor(penalizer, dtype=torch.float64)
-            notes.append(f"clinical penalizer {penalizer:g} (inner CV)")
+            penalizer = _chosen_penalizer(select_covariate_penalizer(readings, lesions, patients, train_ids,
+                                                                     train_covariates, config.aggregation, seed),
+                                          "reader.clinical_penalizer", tensors, notes)
         mean, sd, weight = fit_lesion_cox(readings, lesions, patients, train_ids, config.aggregation,
                                           train_covariates, penalizer)
         tensors.update({"reader.mean": torch.tensor(mean), "reader.sd": torch.tensor(sd), "reader.weight": weight})

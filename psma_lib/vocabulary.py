@@ -96,8 +96,9 @@ DEFAULT_AUX_TARGETS = "log_suvmax,log_volume,log_suvmean_ratio,bone"
 RISK_HEADS = ("mlp", "concepts")
 DEFAULT_RISK_HEAD = "mlp"
 
-#: How a multimodal reader run (``--model reader``) penalises its clinical columns' weights:
-#: ``fixed`` (the Cox baselines' ridge penalty) or ``inner`` (chosen per outer fold from a grid by
+#: How a multimodal reader run (``--model reader``) or a Cox baseline with clinical columns penalises
+#: the clinical columns' weights: ``fixed`` (the Cox baselines' light ridge penalty, 0.01) or
+#: ``inner`` (chosen per outer fold from a grid by
 #: the cross-validated partial likelihood of inner folds of the training patients;
 #: docs/METHOD.md, thirteenth round).
 CLINICAL_PENALTIES = ("fixed", "inner")
